@@ -1,0 +1,6 @@
+"""Optimizers: Stable-LoRA (any base optimizer) and the LoRA pairing it relies on."""
+
+from stablelora.optim.pairs import LoraPair, find_lora_pairs
+from stablelora.optim.stable import LayerStatus, create_stablelora_optimizer, stable_lora_class
+
+__all__ = ["LayerStatus", "LoraPair", "create_stablelora_optimizer", "find_lora_pairs", "stable_lora_class"]

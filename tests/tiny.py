@@ -1,0 +1,44 @@
+"""Tiny PEFT models for unit tests: fast, deterministic, with LoRA layers of different shapes."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Embedding -> three Linear layers of different widths, so LoRA layers stop shrinking at different steps."""
+
+    def __init__(self, vocab: int = 40, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.up = nn.Linear(width, 48)
+        self.mid = nn.Linear(48, 12)
+        self.down = nn.Linear(12, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids).mean(dim=1)
+        return self.head(torch.tanh(self.down(torch.tanh(self.mid(torch.tanh(self.up(h)))))))
+
+
+def tiny_peft_model(seed: int = 0, *, embedding: bool = True, r: int = 4, **lora_kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    targets = ["up", "mid", "down"] + (["embed"] if embedding else [])
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **lora_kwargs)
+    return get_peft_model(TinyNet(), config)
+
+
+def batches(n: int, seed: int = 1, batch: int = 8, vocab: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (batch, 5), generator=g), torch.randn(batch, 3, generator=g)) for _ in range(n)]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
+    ids, target = batch
+    optimizer.zero_grad()
+    loss = nn.functional.mse_loss(model(ids), target)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
