@@ -1,0 +1,217 @@
+"""Run configuration: HF-style dataclass arguments loaded from YAML with ``section.key=value`` overrides.
+
+Sections: ``model``, ``data``, ``lora``, ``method`` (stablelora.methods.MethodArguments) and ``training``
+(``transformers.TrainingArguments``). Unknown sections or keys, and values of the wrong type, raise one
+``ConfigError`` that names the key and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stablelora.methods import MethodArguments
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass
+class ModelArguments:
+    name_or_path: str = field(default="smollm2-135m-instruct",
+                              metadata={"help": "a named offline model (stablelora models) or a local HF model dir"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="openbookqa", metadata={"help": "a named task (stablelora tasks) or 'jsonl'"})
+    train_file: str | None = None
+    eval_file: str | None = None
+    format: str | None = field(default=None, metadata={"help": "jsonl: multiple_choice|classification|generation"})
+    eval_size: int = 200
+    max_train_examples: int | None = None
+    max_length: int = 256
+    max_new_tokens: int = 192
+    eval_batch_size: int = 16
+
+
+@dataclass
+class LoraArguments:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "default: q_proj,v_proj (causal LM, as the paper) / query,value (encoder)"})
+
+
+SECTIONS: dict[str, type] = {}
+
+
+def _sections() -> dict[str, type]:
+    if not SECTIONS:
+        from transformers import TrainingArguments
+
+        SECTIONS.update(model=ModelArguments, data=DataArguments, lora=LoraArguments, method=MethodArguments,
+                        training=TrainingArguments)
+    return SECTIONS
+
+
+@dataclass
+class RunConfig:
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    method: MethodArguments
+    training: Any  # transformers.TrainingArguments; its output_dir is RUN/checkpoints
+    raw: dict = field(default_factory=dict)  # the resolved config as plain data, written to the run directory
+    run_dir: Path = Path("runs/default")
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a YAML value against a dataclass field type (int, float, str, bool, list, Optional, Union)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}.")
+    if origin in (list, typing.List):
+        (item,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        return [_coerce(v, item, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}.")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}.")
+    return value  # enums, dicts and other TrainingArguments types: TrainingArguments validates them
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"Override {item!r} is not of the form section.key=value (e.g. method.optimizer="
+                              "stable-lora or training.learning_rate=2e-4).")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
+    return nested
+
+
+def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
+    sections = _sections()
+    unknown = [s for s in data if s not in sections]
+    if unknown:
+        raise ConfigError(f"Unknown config section '{unknown[0]}'.{_suggest(unknown[0], sections)} "
+                          f"Sections are: {', '.join(sections)}.")
+    built, raw = {}, {}
+    for section, cls in sections.items():
+        values = dict(data.get(section) or {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"Section '{section}' must be a mapping of keys to values.")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"Unknown key '{section}.{key}'.{_suggest(key, fields)} "
+                                  f"See the '{section}' keys with: stablelora train --help-keys {section}")
+            kwargs[key] = _coerce(value, hints.get(key, Any), f"{section}.{key}")
+        if section == "training":
+            # training.output_dir names the run directory; Trainer's own checkpoints go to RUN/checkpoints
+            if output_dir:
+                kwargs["output_dir"] = output_dir
+            kwargs.setdefault("output_dir", "runs/default")
+            kwargs.setdefault("report_to", ["tensorboard"])
+            kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+            kwargs.setdefault("remove_unused_columns", False)  # our collators read the raw example fields
+        raw[section] = {k: _plain(v) for k, v in kwargs.items()}
+        if section == "training":
+            run_dir = Path(kwargs["output_dir"])
+            kwargs["output_dir"] = str(run_dir / "checkpoints")
+        try:
+            built[section] = cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"Invalid '{section}' settings: {err}") from err
+    return RunConfig(**built, raw=raw, run_dir=run_dir)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def load_config(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
+                base: dict | None = None) -> RunConfig:
+    data: dict = {}
+    if base:
+        data = {k: dict(v) for k, v in base.items()}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Examples are in configs/.")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file '{path}' must be a mapping with sections {list(_sections())}.")
+        for section, values in loaded.items():
+            data.setdefault(section, {}).update(values or {})
+    for section, values in parse_overrides(list(overrides)).items():
+        data.setdefault(section, {}).update(values)
+    return build_config(data, output_dir)
+
+
+def help_keys(section: str) -> str:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"Unknown section '{section}'; sections are {', '.join(sections)}.")
+    lines = []
+    for f in dataclasses.fields(sections[section]):
+        if f.init:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            lines.append(f"{section}.{f.name} = {default!r}  {f.metadata.get('help', '')}".rstrip())
+    return "\n".join(lines)

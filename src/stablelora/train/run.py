@@ -1,0 +1,308 @@
+"""One training run, from a RunConfig to a run directory (the contract every later stage reads).
+
+RUN/config.yaml          resolved config, with versions
+RUN/eval_before.json     evaluation of the untrained adapter (B = 0: the base model)
+RUN/metrics.json         eval before/after, train loss, wall time, tokens/s, Stable-LoRA stop summary
+RUN/stable_lora_status.json   per-layer shrink status (Stable-LoRA runs)
+RUN/adapter/             adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
+RUN/checkpoints/         Trainer checkpoints (optimizer state includes the Stable-LoRA flags)
+RUN/tb/                  TensorBoard events
+Every file is written to a temporary name and renamed, so a killed run never leaves one that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from stablelora.assets.models import resolve_model
+from stablelora.assets.tasks import CLASSIFICATION, GENERATION, MULTIPLE_CHOICE, TaskData, load_jsonl_task, load_task
+from stablelora.eval.classification import evaluate_classification
+from stablelora.eval.math import evaluate_math
+from stablelora.eval.multiple_choice import evaluate_causal_mc, evaluate_encoder_mc
+from stablelora.methods import ADAPTER_OPTIONS, check_combination, lora_config_kwargs
+from stablelora.train.config import RunConfig
+from stablelora.train.data import (CausalCollator, ClassificationCollator, ListDataset, MultipleChoiceCollator,
+                                   causal_sft_items)
+from stablelora.train.trainer import GracefulInterrupt, StableLoRATrainer, unwrap_optimizer
+
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta", "deberta-v2", "electra",
+                 "albert"}
+CAUSAL, ENCODER = "causal-lm", "encoder"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start as configured; the message says how to fix it."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint Trainer finished writing (trainer_state.json is written last)."""
+    done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def model_kind(model_dir: Path) -> str:
+    from transformers import AutoConfig
+
+    return ENCODER if AutoConfig.from_pretrained(model_dir).model_type in ENCODER_TYPES else CAUSAL
+
+
+def load_task_data(cfg: RunConfig) -> TaskData:
+    data = cfg.data
+    if data.dataset == "jsonl":
+        task = load_jsonl_task(data.train_file, data.eval_file, data.format)
+    else:
+        task = load_task(data.dataset, eval_size=data.eval_size, seed=cfg.training.seed)
+    if data.max_train_examples is not None:
+        task.train = task.train[: data.max_train_examples]
+    return task
+
+
+class TaskPipeline:
+    """Model class, PEFT settings, training items and evaluation for one (task family, model kind)."""
+
+    def __init__(self, cfg: RunConfig, task: TaskData, kind: str, tokenizer):
+        self.cfg, self.task, self.kind, self.tokenizer = cfg, task, kind, tokenizer
+        family = task.family
+        if kind == ENCODER and family == GENERATION:
+            raise RunError(f"Task '{task.name}' needs text generation; model '{cfg.model.name_or_path}' is an "
+                           "encoder. Use a causal LM (e.g. model.name_or_path=smollm2-135m-instruct).")
+        if kind == CAUSAL and family == CLASSIFICATION:
+            raise RunError(f"Task '{task.name}' is classification, built for encoders here; use an encoder "
+                           "(e.g. model.name_or_path=all-minilm-l6-v2).")
+
+    def load_model(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+        if self.kind == CAUSAL:
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if self.task.family == CLASSIFICATION:
+            return AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=self.task.num_labels or 2, dtype=torch.float32)
+        return AutoModelForMultipleChoice.from_pretrained(model_dir, dtype=torch.float32)
+
+    def lora_config(self):
+        from peft import LoraConfig, TaskType
+
+        lora = self.cfg.lora
+        targets = lora.target_modules or (["q_proj", "v_proj"] if self.kind == CAUSAL else ["query", "value"])
+        extra: dict[str, Any] = {}
+        if self.kind == CAUSAL:
+            extra["task_type"] = TaskType.CAUSAL_LM
+        elif self.task.family == CLASSIFICATION:
+            extra["task_type"] = TaskType.SEQ_CLS
+        else:
+            extra["modules_to_save"] = ["classifier"]
+        return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          **extra, **lora_config_kwargs(self.cfg.method))
+
+    def collator(self):
+        max_length = self.cfg.data.max_length
+        if self.kind == CAUSAL:
+            return CausalCollator(self.tokenizer.pad_token_id)
+        if self.task.family == CLASSIFICATION:
+            return ClassificationCollator(self.tokenizer, max_length)
+        return MultipleChoiceCollator(self.tokenizer, max_length)
+
+    def train_items(self, examples: list[dict]) -> list[dict]:
+        if self.kind == CAUSAL:
+            return causal_sft_items(self.tokenizer, examples, self.task.family, self.cfg.data.max_length)
+        return examples
+
+    def evaluate(self, model) -> dict:
+        data, task = self.cfg.data, self.task
+        if self.kind == ENCODER:
+            fn = evaluate_classification if task.family == CLASSIFICATION else evaluate_encoder_mc
+            return {task.name: fn(model, self.collator(), task.eval, batch_size=data.eval_batch_size)}
+        if task.family == MULTIPLE_CHOICE:
+            return {task.name: evaluate_causal_mc(model, self.tokenizer, task.eval, max_length=data.max_length,
+                                                  batch_size=data.eval_batch_size)}
+        results = {}
+        for name, examples in {task.name: task.eval, **task.extra_eval}.items():
+            results[name] = evaluate_math(model, self.tokenizer, examples, max_new_tokens=data.max_new_tokens,
+                                          max_length=data.max_length, batch_size=data.eval_batch_size)
+            results[name]["answer_token_loss"] = answer_token_loss(model, self.train_items(examples),
+                                                                   self.collator(), data.eval_batch_size)
+        return results
+
+
+@torch.no_grad()
+def answer_token_loss(model, items: list[dict], collate, batch_size: int) -> float:
+    """Mean cross-entropy over answer tokens (the SFT loss) on held-out items."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start : start + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += (labels != -100).sum().item()
+    return total / max(count, 1)
+
+
+def build_peft_model(pipeline: TaskPipeline, model_dir: Path, train_items: list[dict]):
+    from peft import get_peft_model
+
+    base = pipeline.load_model(model_dir)
+    config = pipeline.lora_config()
+    if "lora-ga" in pipeline.cfg.method.adapter:
+        from peft.tuners.lora import preprocess_loraga
+
+        collate = pipeline.collator()
+        batch_size = pipeline.cfg.training.per_device_train_batch_size
+        batches = [collate(train_items[i : i + batch_size]) for i in
+                   range(0, batch_size * pipeline.cfg.method.loraga_batches, batch_size)]
+
+        def train_step():
+            for batch in batches:
+                base(**batch).loss.backward()
+
+        preprocess_loraga(base, config, train_step)
+    try:
+        return get_peft_model(base, config)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise RunError(f"PEFT could not build the adapter for method.adapter={pipeline.cfg.method.adapter}: {err}") \
+            from err
+
+
+def save_adapter(model, target: Path, init_dir: Path | None) -> None:
+    """Save a standard PEFT adapter atomically; inits that mutate W0 are converted to plain LoRA (rank 2r)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        if init_dir is not None:
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(init_dir))
+        else:
+            model.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_summary(optimizer) -> dict | None:
+    status = getattr(optimizer, "stable_lora_status", None)
+    if status is None:
+        return None
+    layers = status()
+    stops = [s.stop_step for s in layers if s.stop_step is not None]
+    return {
+        "layers": len(layers),
+        "stopped": len(stops),
+        "median_stop_step": statistics.median(stops) if stops else None,
+        "first_stop_step": min(stops) if stops else None,
+        "last_stop_step": max(stops) if stops else None,
+        "per_layer": [{"name": s.name, "in": s.in_features, "out": s.out_features, "stop_step": s.stop_step}
+                      for s in layers],
+    }
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    import stablelora
+
+    return {"stablelora": stablelora.__version__, "torch": str(torch.__version__), "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | None = None) -> dict:
+    """Train and evaluate one configuration; returns the metrics written to RUN/metrics.json."""
+    from transformers import AutoTokenizer, set_seed
+
+    run_dir = cfg.run_dir
+    checkpoints = Path(cfg.training.output_dir)
+    if not resume and (checkpoints.exists() and any(checkpoints.iterdir()) or (run_dir / "metrics.json").exists()):
+        raise RunError(f"Run directory {run_dir} already holds a run. Continue it with --resume, or choose another "
+                       "output directory (--output-dir / training.output_dir).")
+    resume_from = latest_checkpoint(checkpoints) if resume else None
+    if resume and resume_from is None:
+        raise RunError(f"--resume: no finished checkpoint in {checkpoints}. Start the run without --resume.")
+    check_combination(cfg.method)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.yaml", yaml.safe_dump({**cfg.raw, "versions": versions()}, sort_keys=False))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tb")
+
+    set_seed(cfg.training.seed)
+    model_dir = resolve_model(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kind = model_kind(model_dir)
+    task = load_task_data(cfg)
+    pipeline = TaskPipeline(cfg, task, kind, tokenizer)
+    train_items = pipeline.train_items(task.train)
+    model = build_peft_model(pipeline, model_dir, train_items)
+    init_dir = None
+    if any(ADAPTER_OPTIONS[o].mutates_base for o in cfg.method.adapter):
+        init_dir = run_dir / "adapter_init"
+        if not init_dir.exists():
+            adapter_config = model.peft_config["default"]
+            init_kind, adapter_config.init_lora_weights = adapter_config.init_lora_weights, True
+            save_adapter(model, init_dir, None)
+            adapter_config.init_lora_weights = init_kind
+
+    before_path = run_dir / "eval_before.json"
+    if eval_before is None and before_path.exists():
+        eval_before = json.loads(before_path.read_text())
+    if eval_before is None:
+        eval_before = pipeline.evaluate(model)
+    write_json(before_path, eval_before)
+
+    interrupt = GracefulInterrupt()
+    trainer = StableLoRATrainer(model=model, args=cfg.training, train_dataset=ListDataset(train_items),
+                                data_collator=pipeline.collator(), method=cfg.method, callbacks=[interrupt])
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+    if interrupt.requested:
+        raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
+
+    eval_after = pipeline.evaluate(model)
+    save_adapter(model, run_dir / "adapter", init_dir)
+    summary = stop_summary(unwrap_optimizer(trainer.optimizer))
+    if summary is not None:
+        write_json(run_dir / "stable_lora_status.json", summary)
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "task": task.name,
+        "split": task.split_note,
+        "model": cfg.model.name_or_path,
+        "method": {"optimizer": cfg.method.optimizer, "adapter": cfg.method.adapter},
+        "seed": cfg.training.seed,
+        "eval_before": eval_before,
+        "eval_after": eval_after,
+        "train_loss": result.training_loss,
+        "train_steps": trainer.state.global_step,
+        "train_wall_seconds": wall,
+        "train_tokens": tokens,
+        "tokens_per_second": tokens / wall if tokens else None,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "stable_lora": {k: v for k, v in summary.items() if k != "per_layer"} if summary else None,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,84 @@
+"""HF Trainer integration: the optimizer is built in ``create_optimizer`` from the method registry.
+
+Building it there (not passing ``optimizers=(opt, None)``) means it is created from the model Trainer actually
+trains, after Accelerate has wrapped it for DDP/FSDP; passing a pre-built optimizer is refused by Trainer under
+FSDP/DeepSpeed. ``StableLoRATrainerMixin`` works with any Trainer subclass, e.g. TRL's ``SFTTrainer``:
+
+    class MySFTTrainer(StableLoRATrainerMixin, SFTTrainer): ...
+    trainer = MySFTTrainer(model=..., args=..., method=MethodArguments(optimizer="stable-lora"), ...)
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from stablelora.methods import MethodArguments, build_optimizer
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer itself, from inside Accelerate's AcceleratedOptimizer wrapper if there is one."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class StableLoRATrainerMixin:
+    """Mix in front of ``transformers.Trainer`` (or a subclass) to train with a registry method."""
+
+    def __init__(self, *args: Any, method: MethodArguments | None = None, **kwargs: Any):
+        self.method = method or MethodArguments()
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):  # noqa: D401 - Trainer API
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay_names = set(self.get_decay_parameter_names(opt_model))
+            trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in trainable if n in decay_names], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in trainable if n not in decay_names], "weight_decay": 0.0},
+            ]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = build_optimizer(opt_model, self.method, optimizer_cls, optimizer_kwargs,
+                                             [g for g in groups if g["params"]], self.args.weight_decay)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        status = getattr(unwrap_optimizer(self.optimizer), "stable_lora_status", None)
+        if status is not None:  # one host read per logging step, never per training step
+            layers = status()
+            logs["stable_lora/shrinking_fraction"] = sum(s.shrinking for s in layers) / len(layers)
+        super().log(logs, *args, **kwargs)
+
+
+class StableLoRATrainer(StableLoRATrainerMixin, Trainer):
+    """``transformers.Trainer`` whose optimizer comes from ``method`` (see stablelora.methods)."""
+
+
+class GracefulInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop cleanly. Second Ctrl-C: abort at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nInterrupted: saving a checkpoint after this step, then stopping (Ctrl-C again to abort now).",
+              flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -1,0 +1,46 @@
+"""Config loading: YAML + overrides into dataclasses, and one clear error per mistake."""
+
+import pytest
+
+from stablelora.train.config import ConfigError, help_keys, load_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_and_overrides_resolve(tmp_path):
+    path = _write(tmp_path, "method:\n  optimizer: adamw\ntraining:\n  learning_rate: 1.0e-4\n")
+    cfg = load_config(path, ["method.optimizer=stable-lora", "lora.target_modules=q_proj,v_proj",
+                             "training.max_steps=7"], output_dir=str(tmp_path / "run"))
+    assert cfg.method.optimizer == "stable-lora"
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.training.max_steps == 7 and cfg.training.learning_rate == 1e-4
+    assert cfg.run_dir == tmp_path / "run" and cfg.training.output_dir == str(tmp_path / "run" / "checkpoints")
+    assert cfg.raw["method"]["optimizer"] == "stable-lora"
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("methd:\n  optimizer: adamw\n", [], "Unknown config section 'methd'. Did you mean 'method'"),
+    ("lora:\n  rank: 8\n", [], r"Unknown key 'lora.rank'.*--help-keys lora"),
+    ("training:\n  learning_rat: 0.1\n", [], "Did you mean 'learning_rate'"),
+    ("lora:\n  r: eight\n", [], "lora.r: expected an integer, got 'eight'"),
+    ("method:\n  shrink_ratio: [1]\n", [], "method.shrink_ratio: expected a number"),
+    ("", ["lora.r"], "not of the form section.key=value"),
+    ("", ["r=8"], "not of the form section.key=value"),
+    ("- a\n- b\n", [], "must be a mapping"),
+    ("training:\n  lr_scheduler_type: wobbly\n", [], "Invalid 'training' settings"),
+])
+def test_config_errors_name_the_key_and_the_fix(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text), overrides, output_dir=str(tmp_path / "run"))
+
+
+def test_missing_config_file_and_help_keys(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    assert "method.shrink_ratio = 0.0005" in help_keys("method")
+    with pytest.raises(ConfigError, match="Unknown section"):
+        help_keys("nope")

@@ -1,0 +1,71 @@
+"""Method registry: every optimizer method builds and trains, compositions hold, bad combinations say why."""
+
+import pytest
+import torch
+
+from stablelora.methods import (ADAPTER_OPTIONS, OPTIMIZER_METHODS, MethodArguments, build_optimizer,
+                                check_combination, lora_config_kwargs, method_table)
+from stablelora.optim.pairs import find_lora_pairs
+from tiny import batches, tiny_peft_model, train_step
+
+
+def _build(model, **method):
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.01}]
+    return build_optimizer(model, MethodArguments(**method), torch.optim.AdamW, {"lr": 1e-2}, groups, 0.01)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_METHODS))
+def test_every_optimizer_method_trains_the_tiny_model(name):
+    model = tiny_peft_model(embedding=False)
+    opt = _build(model, optimizer=name)
+    losses = [train_step(model, opt, b) for b in batches(1) * 30]  # one batch, repeated: loss must fall
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(p.lora_B.abs().sum() > 0 for p in find_lora_pairs(model))
+
+
+def test_stable_lora_composes_with_loraplus_ratio():
+    model = tiny_peft_model(embedding=False)
+    opt = _build(model, optimizer="stable-lora", loraplus_lr_ratio=8.0)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    pair = find_lora_pairs(model)[0]
+    assert lr[id(pair.lora_B)] == pytest.approx(8 * lr[id(pair.lora_A)])
+    assert hasattr(opt, "stable_lora_status")
+
+
+def test_adamw_wd_a_puts_only_A_in_the_large_decay_group():
+    model = tiny_peft_model(embedding=False)
+    opt = _build(model, optimizer="adamw-wd-a", weight_decay_A=0.5)
+    a_ids = {id(p.lora_A) for p in find_lora_pairs(model)}
+    for g in opt.param_groups:
+        ids = {id(p) for p in g["params"]}
+        assert (g["weight_decay"] == 0.5) == bool(ids & a_ids)
+        assert not (g["weight_decay"] == 0.5 and ids - a_ids)
+
+
+def test_adapter_options_map_to_lora_config():
+    assert lora_config_kwargs(MethodArguments(adapter=["rslora", "dora"])) == {"use_rslora": True, "use_dora": True}
+    assert lora_config_kwargs(MethodArguments(adapter=["pissa"]))["init_lora_weights"] == "pissa_niter_4"
+    assert lora_config_kwargs(MethodArguments(adapter=["lora-ga"]))["init_lora_weights"] == "lora_ga"
+
+
+@pytest.mark.parametrize("method, message", [
+    (dict(optimizer="sgd-magic"), "unknown method 'sgd-magic'"),
+    (dict(adapter=["lora-xs"]), r"unknown option\(s\) \['lora-xs'\]"),
+    (dict(adapter=["pissa", "olora"]), "alternative initialisations"),
+    (dict(optimizer="riemannian", loraplus_lr_ratio=4.0), "builds its own single parameter group"),
+    (dict(optimizer="lora-rite", loraplus_lr_ratio=4.0), "breaks that"),
+    (dict(optimizer="adamw", loraplus_lr_ratio=-1.0), "must be > 0"),
+])
+def test_impossible_combinations_are_refused_with_a_reason(method, message):
+    with pytest.raises(ValueError, match=message):
+        check_combination(MethodArguments(**method))
+
+
+def test_stable_lora_with_nonzero_B_init_warns():
+    with pytest.warns(UserWarning, match="B starts non-zero"):
+        check_combination(MethodArguments(optimizer="stable-lora", adapter=["pissa"]))
+
+
+def test_method_table_documents_every_name():
+    table = method_table()
+    assert all(f"`{n}`" in table for n in list(OPTIMIZER_METHODS) + list(ADAPTER_OPTIONS))

@@ -1,0 +1,56 @@
+"""Task data: real files from the offline packages, splits that never overlap, JSONL checks."""
+
+import json
+
+import pytest
+
+from stablelora.eval.math import extract_final_number, same_number
+from stablelora.assets.tasks import TASKS, example_key, load_jsonl_task, load_task
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_named_task_splits_are_disjoint_and_deterministic(name):
+    task = load_task(name, eval_size=50, seed=3)
+    assert task.train and task.eval and task.split_note
+    train_keys = {example_key(x) for x in task.train}
+    for examples in [task.eval, *task.extra_eval.values()]:
+        assert not train_keys & {example_key(x) for x in examples}
+    again = load_task(name, eval_size=50, seed=3)
+    assert [example_key(x) for x in again.eval] == [example_key(x) for x in task.eval]
+    if task.family == "multiple_choice":
+        assert all(0 <= x["label"] < len(x["choices"]) for x in task.train + task.eval)
+
+
+def test_gsm_symbolic_eval_templates_are_held_out():
+    task = load_task("gsm-symbolic", eval_size=50, seed=0)
+    assert len(task.eval) == 50 and "asdiv" in task.extra_eval
+    assert not {x["template"] for x in task.train} & {x["template"] for x in task.eval}
+    assert all(same_number(extract_final_number(x["completion"]), x["answer"]) for x in task.train[:50])
+
+
+def test_unknown_dataset_and_oversized_eval():
+    with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
+        load_task("nope", eval_size=10, seed=0)
+    with pytest.raises(ValueError, match="leaves no training data"):
+        load_task("openbookqa", eval_size=10_000, seed=0)
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_jsonl_task_formats_and_errors(tmp_path):
+    train = _jsonl(tmp_path / "t.jsonl", [{"question": "q1", "choices": ["a", "b"], "label": 1}])
+    evaluation = _jsonl(tmp_path / "e.jsonl", [{"question": "q2", "choices": ["a", "b"], "label": 0}])
+    task = load_jsonl_task(train, evaluation, "multiple_choice")
+    assert task.family == "multiple_choice" and task.train[0]["context"] == ""
+    with pytest.raises(ValueError, match="appear in both"):
+        load_jsonl_task(train, train, "multiple_choice")
+    bad = _jsonl(tmp_path / "b.jsonl", [{"question": "q"}])
+    with pytest.raises(ValueError, match=r"b.jsonl:1: missing field\(s\) \['choices', 'label'\]"):
+        load_jsonl_task(bad, evaluation, "multiple_choice")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_jsonl_task(str(tmp_path / "none.jsonl"), evaluation, "classification")
+    with pytest.raises(ValueError, match="data.format must be one of"):
+        load_jsonl_task(train, evaluation, "regression")

@@ -1,0 +1,98 @@
+"""Trainer integration: optimizer built in create_optimizer, exact resume, adapter round trip, TRL."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from stablelora.methods import MethodArguments
+from stablelora.train.data import CausalCollator, ListDataset
+from stablelora.train.run import latest_checkpoint, save_adapter
+from stablelora.train.trainer import StableLoRATrainer, unwrap_optimizer
+from tiny import tiny_llama_peft, token_items
+
+
+def _args(out, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(out), max_steps=12, save_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                weight_decay=0.01, seed=0, use_cpu=True, report_to="none", logging_steps=3,
+                remove_unused_columns=False, disable_tqdm=True, save_strategy="steps")
+    return TrainingArguments(**{**base, **kw})
+
+
+def _trainer(out, model, **kw):
+    return StableLoRATrainer(model=model, args=_args(out, **kw), train_dataset=ListDataset(token_items(40)),
+                             data_collator=CausalCollator(0),
+                             method=MethodArguments(optimizer="stable-lora", shrink_ratio=0.2))
+
+
+def test_resume_through_trainer_is_bit_identical(tmp_path):
+    straight_model = tiny_llama_peft()
+    straight = _trainer(tmp_path / "a", straight_model)
+    straight.train()
+    opt = unwrap_optimizer(straight.optimizer)
+    stops = [s.stop_step for s in opt.stable_lora_status()]
+    assert any(s is not None for s in stops) and any(s is None or s > 1 for s in stops)
+
+    resumed_model = tiny_llama_peft()  # same pretrained base; the adapter must come from the checkpoint:
+    with torch.no_grad():
+        for p in resumed_model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    resumed = _trainer(tmp_path / "a", resumed_model)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    for (name, p), q in zip(straight_model.named_parameters(), resumed_model.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), name
+    assert unwrap_optimizer(resumed.optimizer).stable_lora_status() == opt.stable_lora_status()
+    assert latest_checkpoint(tmp_path / "a").name == "checkpoint-12"
+
+
+def test_shrink_fraction_is_logged_and_adapter_round_trips(tmp_path):
+    model = tiny_llama_peft()
+    trainer = _trainer(tmp_path / "b", model, max_steps=6)
+    trainer.train()
+    assert any("stable_lora/shrinking_fraction" in h for h in trainer.state.log_history)
+    target = tmp_path / "adapter"
+    save_adapter(model, target, None)
+    assert {p.name for p in target.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+    base = tiny_llama_peft().get_base_model()
+    loaded = PeftModel.from_pretrained(base, target)
+    ids = torch.tensor([token_items(1)[0]["input_ids"]])
+    model.eval()
+    loaded.eval()
+    assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lora+", "riemannian", "lora-rite", "adamw-wd-a"])
+def test_every_method_runs_under_trainer(tmp_path, optimizer):
+    model = tiny_llama_peft()
+    trainer = StableLoRATrainer(model=model, args=_args(tmp_path, max_steps=3, save_strategy="no"),
+                                train_dataset=ListDataset(token_items(12)), data_collator=CausalCollator(0),
+                                method=MethodArguments(optimizer=optimizer))
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_trl_sft_trainer_with_the_mixin(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from stablelora.assets.models import resolve_model
+    from stablelora.train.trainer import StableLoRATrainerMixin
+
+    class StableLoRASFTTrainer(StableLoRATrainerMixin, SFTTrainer):
+        pass
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2"))  # any real tokenizer will do
+    tokenizer.eos_token = tokenizer.sep_token  # a BERT vocabulary has no EOS; SFT appends one
+    model = tiny_llama_peft(vocab=tokenizer.vocab_size)
+    data = Dataset.from_list([{"text": f"example number {i} says hello"} for i in range(16)])
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                     use_cpu=True, report_to="none", save_strategy="no", max_length=32, disable_tqdm=True)
+    trainer = StableLoRASFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                   method=MethodArguments(optimizer="stable-lora", shrink_ratio=0.01))
+    trainer.train()
+    status = unwrap_optimizer(trainer.optimizer).stable_lora_status()
+    assert status and all(s.shrink_steps >= 1 for s in status)
