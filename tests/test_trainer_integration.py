@@ -8,7 +8,7 @@ from stablelora.methods import MethodArguments
 from stablelora.train.data import CausalCollator, ListDataset
 from stablelora.train.run import latest_checkpoint, save_adapter
 from stablelora.train.trainer import StableLoRATrainer, unwrap_optimizer
-from tiny import tiny_llama_peft, token_items
+from tiny import tiny_llama, tiny_llama_peft, token_items
 
 
 def _args(out, **kw):
@@ -56,8 +56,7 @@ def test_shrink_fraction_is_logged_and_adapter_round_trips(tmp_path):
     target = tmp_path / "adapter"
     save_adapter(model, target, None)
     assert {p.name for p in target.iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
-    base = tiny_llama_peft().get_base_model()
-    loaded = PeftModel.from_pretrained(base, target)
+    loaded = PeftModel.from_pretrained(tiny_llama(), target)
     ids = torch.tensor([token_items(1)[0]["input_ids"]])
     model.eval()
     loaded.eval()
@@ -96,3 +95,61 @@ def test_trl_sft_trainer_with_the_mixin(tmp_path):
     trainer.train()
     status = unwrap_optimizer(trainer.optimizer).stable_lora_status()
     assert status and all(s.shrink_steps >= 1 for s in status)
+
+
+def test_first_interrupt_saves_a_checkpoint_and_stops(tmp_path):
+    import signal
+
+    from transformers import TrainerCallback
+
+    from stablelora.train.trainer import GracefulInterrupt
+
+    interrupt = GracefulInterrupt()
+
+    class PressCtrlC(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                signal.raise_signal(signal.SIGINT)  # delivered to GracefulInterrupt's handler
+
+    trainer = _trainer(tmp_path, tiny_llama_peft(), max_steps=12, save_steps=100)
+    trainer.add_callback(interrupt)
+    trainer.add_callback(PressCtrlC())
+    trainer.train()
+    assert interrupt.requested and trainer.state.global_step == 4
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert signal.getsignal(signal.SIGINT) is not interrupt._handle  # handler restored after training
+
+
+@pytest.mark.parametrize("adapter", ["pissa", "lora-ga"])
+def test_inits_that_change_the_base_save_as_a_plain_adapter_for_the_original_base(tmp_path, adapter):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import preprocess_loraga
+
+    from stablelora.methods import lora_config_kwargs
+
+    base = tiny_llama()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        **lora_config_kwargs(MethodArguments(adapter=[adapter])))
+    batch = CausalCollator(0)(token_items(4))
+    if adapter == "lora-ga":
+        preprocess_loraga(base, config, lambda: base(**batch).loss.backward())
+    model = get_peft_model(base, config)
+    init_dir = tmp_path / "init"
+    cfg = model.peft_config["default"]
+    kind, cfg.init_lora_weights = cfg.init_lora_weights, True
+    save_adapter(model, init_dir, None)
+    cfg.init_lora_weights = kind
+    trainer = StableLoRATrainer(model=model, args=_args(tmp_path / "ckpt", max_steps=3, save_strategy="no"),
+                                train_dataset=ListDataset(token_items(12)), data_collator=CausalCollator(0),
+                                method=MethodArguments(optimizer="adamw"))
+    trainer.train()
+    save_adapter(model, tmp_path / "adapter", init_dir)
+
+    fresh = tiny_llama()
+    fresh.load_state_dict(original)  # the unmodified pretrained weights
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    model.eval()
+    loaded.eval()
+    ids = torch.tensor([token_items(1, seed=5)[0]["input_ids"]])
+    assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)

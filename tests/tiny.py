@@ -44,15 +44,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> flo
     return loss.item()
 
 
-def tiny_llama_peft(seed: int = 0, vocab: int = 64, target_modules=("q_proj", "v_proj")):
-    """A 2-layer random Llama with LoRA: a real transformers causal LM, small enough for unit tests."""
+def tiny_llama(seed: int = 0, vocab: int = 64):
+    """A 2-layer random Llama: a real transformers causal LM, small enough for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules),
-                                                               task_type="CAUSAL_LM"))
+    return LlamaForCausalLM(config)
+
+
+def tiny_llama_peft(seed: int = 0, vocab: int = 64, target_modules=("q_proj", "v_proj")):
+    return get_peft_model(tiny_llama(seed, vocab), LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules),
+                                                              task_type="CAUSAL_LM"))
 
 
 def token_items(n: int, vocab: int = 64, length: int = 12, seed: int = 0) -> list[dict]:

@@ -27,7 +27,7 @@ METHODS = ("adamw", "stable-lora")
 
 
 def comparison_table(results: dict[str, dict]) -> str:
-    lines = ["| method | accuracy before | accuracy after | final train loss | train time (s) | LoRA layers stopped "
+    lines = ["| method | accuracy before | accuracy after | mean train loss | train time (s) | LoRA layers stopped "
              "(median stop step) |", "|---|---|---|---|---|---|"]
     for method, m in results.items():
         task = m["task"]

