@@ -32,6 +32,7 @@ def test_yaml_and_overrides_resolve(tmp_path):
     ("", ["r=8"], "not of the form section.key=value"),
     ("- a\n- b\n", [], "must be a mapping"),
     ("training:\n  lr_scheduler_type: wobbly\n", [], "Invalid 'training' settings"),
+    ("method:\n  optimizer: magic\n", [], "method.optimizer: unknown method 'magic'"),
 ])
 def test_config_errors_name_the_key_and_the_fix(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -29,7 +29,8 @@ def test_cli_run_and_resume_end_bit_identical_on_minilm(tmp_path):
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert metrics["resumed_from"].endswith("checkpoint-2") and metrics["train_steps"] == 4
-    assert metrics["stable_lora"]["layers"] == 24  # 6 layers x query, key, value, 3 dense projections... x adapters
+    # 6 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense) + pooler.dense
+    assert metrics["stable_lora"]["layers"] == 37
     for name in ("config.yaml", "eval_before.json", "stable_lora_status.json", "adapter/adapter_config.json"):
         assert (tmp_path / "cut" / name).exists()
     assert list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*"))

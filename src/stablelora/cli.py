@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("methods", "models", "tasks"):
         sub.add_parser(name, help=f"list the available {name}")
 
-    args = parser.parse_args(argv)
+    # overrides may also follow options (train cfg.yaml --output-dir d a.b=1): collect the leftovers
+    args, leftover = parser.parse_known_args(argv)
+    stray = [x for x in leftover if "=" not in x or x.startswith("-")]
+    if stray or (leftover and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or leftover)}")
+    if leftover:
+        args.overrides = list(args.overrides) + leftover
     from stablelora.train.config import ConfigError
     from stablelora.train.run import RunError
 
@@ -92,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args)
         return _list(args.command)
-    except (ConfigError, RunError, FileNotFoundError) as err:
+    except (ConfigError, RunError, FileNotFoundError, ValueError) as err:
+        # user-facing problems are raised as these, with the fix in the message; STABLELORA_DEBUG=1 shows where
+        if os.environ.get("STABLELORA_DEBUG"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from stablelora.methods import MethodArguments
+from stablelora.methods import MethodArguments, check_combination
 
 
 class ConfigError(ValueError):
@@ -169,6 +169,10 @@ def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
             built[section] = cls(**kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"Invalid '{section}' settings: {err}") from err
+    try:
+        check_combination(built["method"])
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return RunConfig(**built, raw=raw, run_dir=run_dir)
 
 
