@@ -22,6 +22,13 @@ def test_yaml_and_overrides_resolve(tmp_path):
     assert cfg.raw["method"]["optimizer"] == "stable-lora"
 
 
+def test_yaml_no_is_a_string_not_false(tmp_path):
+    path = _write(tmp_path, "training:\n  save_strategy: no\n  use_cpu: true\n")
+    cfg = load_config(path, ["training.eval_strategy=no", "monitor.enabled=false"], output_dir=str(tmp_path / "r"))
+    assert cfg.training.save_strategy == "no" and cfg.training.eval_strategy == "no"
+    assert cfg.training.use_cpu is True and cfg.monitor.enabled is False
+
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("methd:\n  optimizer: adamw\n", [], "Unknown config section 'methd'. Did you mean 'method'"),
     ("lora:\n  rank: 8\n", [], r"Unknown key 'lora.rank'.*--help-keys lora"),

@@ -36,6 +36,26 @@ def _demo(args) -> int:
     return 0
 
 
+def _theory(args) -> int:
+    from pathlib import Path
+
+    from stablelora.diagnostics.theory import format_table, plot, run_theory
+
+    widths = [int(w) for w in args.widths.split(",")]
+    if len(widths) < 2 or any(w < 8 for w in widths):
+        raise ValueError(f"--widths needs at least two widths >= 8, got {args.widths!r}.")
+    results, fits, verdicts = run_theory(widths, steps=args.steps, tail=max(1, args.steps // 6))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, fits, str(out / "theory.png"))
+    text = "\n".join([format_table(results), "", *verdicts])
+    (out / "theory.md").write_text(f"Command: stablelora theory --widths {args.widths} --steps {args.steps}\n\n"
+                                   f"{text}\n\n![log-log](theory.png)\n")
+    print(text)
+    print(f"\nplot: {out / 'theory.png'}")
+    return 0
+
+
 def _list(what: str) -> int:
     if what == "methods":
         from stablelora.methods import method_table
@@ -72,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
     demo.add_argument("overrides", nargs="*", help="section.key=value applied to both runs")
 
+    report = sub.add_parser("report", help="stability plots and a Markdown summary from run directories")
+    report.add_argument("runs", nargs="+", help="run directories written by stablelora train")
+    report.add_argument("--output", help="output directory (default: RUN/report for one run, ./report otherwise)")
+
+    theory = sub.add_parser("theory", help="width-scaling check of the Stable-LoRA theory (CPU, a few minutes)")
+    theory.add_argument("--widths", default="128,256,512,1024,2048,4096", help="comma-separated widths n")
+    theory.add_argument("--steps", type=int, default=300)
+    theory.add_argument("--output", default="theory", help="directory for theory.png and theory.md")
+
     for name in ("methods", "models", "tasks"):
         sub.add_parser(name, help=f"list the available {name}")
 
@@ -82,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or leftover)}")
     if leftover:
         args.overrides = list(args.overrides) + leftover
+    from stablelora.reporting.report import ReportError
     from stablelora.train.config import ConfigError
     from stablelora.train.run import RunError
 
@@ -97,8 +127,16 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "theory":
+            return _theory(args)
+        if args.command == "report":
+            from stablelora.reporting.report import write_report
+
+            output = args.output or (f"{args.runs[0]}/report" if len(args.runs) == 1 else "report")
+            print(f"report written: {write_report(args.runs, output)}")
+            return 0
         return _list(args.command)
-    except (ConfigError, RunError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, RunError, ReportError, FileNotFoundError, ValueError) as err:
         # user-facing problems are raised as these, with the fix in the message; STABLELORA_DEBUG=1 shows where
         if os.environ.get("STABLELORA_DEBUG"):
             raise

@@ -9,6 +9,7 @@ method differs. One seed is one sample: the benchmark harness reports means and 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from stablelora.train.config import load_config
@@ -40,6 +41,7 @@ def comparison_table(results: dict[str, dict]) -> str:
 
 
 def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] = ()) -> dict[str, dict]:
+    started = time.perf_counter()
     root = Path(output_dir)
     results: dict[str, dict] = {}
     eval_before = None
@@ -64,5 +66,7 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] = (
     print("\nOne seed, one learning rate: this shows both methods learn and what Stable-LoRA does (when each layer "
           "stopped shrinking), not which is better. Differences of a point or two are within seed-to-seed noise; "
           "compare over seeds with the benchmark harness.")
-    print(f"Run directories: {root}/<method>/ (adapter/, metrics.json, stable_lora_status.json, tb/)")
+    print(f"Run directories: {root}/<method>/ (adapter/, metrics.json, monitor.jsonl, tb/); plots: "
+          f"stablelora report {root}/adamw {root}/stable-lora")
+    print(f"Demo wall time: {time.perf_counter() - started:.0f} s")
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from stablelora.eval.classification import head_correct
 from stablelora.eval.prompts import mc_continuation, mc_prompt, tokenize_pair
 
 
@@ -60,17 +61,8 @@ def evaluate_causal_mc(model, tokenizer, examples: list[dict], *, max_length: in
             "chance": chance, "examples": len(examples), "scoring": "length-normalised log-likelihood"}
 
 
-@torch.no_grad()
 def evaluate_encoder_mc(model, collate, examples: list[dict], batch_size: int = 32) -> dict:
-    model.eval()
-    device = next(model.parameters()).device
-    hits = 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="multiple-choice eval", unit="batch", leave=False):
-        chunk = examples[start : start + batch_size]
-        batch = collate(chunk)
-        labels = batch.pop("labels")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        hits += (logits.argmax(-1).cpu() == labels).sum().item()
+    hits = head_correct(model, collate, examples, batch_size, "multiple-choice eval")
     chance = sum(1 / len(ex["choices"]) for ex in examples) / len(examples)
     return {"accuracy": hits / len(examples), "chance": chance, "examples": len(examples),
             "scoring": "multiple-choice head"}

@@ -49,6 +49,7 @@ class LoRARITE(Optimizer):
         self._pairs = lora_pairs
         self._paired = {id(p) for pair in lora_pairs for p in (pair.lora_A, pair.lora_B)}
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self._step = 0
 
     @staticmethod
     def _basis(partner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ class LoRARITE(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step = getattr(self, "_step", 0) + 1
+        self._step += 1
         updates = {}
         for pair in self._pairs:
             a, b = pair.lora_A, pair.lora_B  # PEFT: A (r x in), B (out x r); paper-A = B, paper-B = A^T
@@ -126,7 +127,7 @@ class LoRARITE(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["lora_rite_step"] = getattr(self, "_step", 0)
+        sd["lora_rite_step"] = self._step
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -70,7 +70,8 @@ def _check_shrink_ratio(value: Any, where: str) -> float:
 class _Bucket:
     """The tracked layers that share one device and dtype, with their state gathered into vectors."""
 
-    def __init__(self, layer_state: dict[int, dict[str, torch.Tensor]], pairs: list[LoraPair], keep_factors: list[float]):
+    def __init__(self, layer_state: dict[int, dict[str, torch.Tensor]], pairs: list[LoraPair],
+                 keep_factors: list[float]):
         self.pairs = pairs
         self.lora_A = [p.lora_A for p in pairs]
         self.lora_B = [p.lora_B for p in pairs]
@@ -79,7 +80,6 @@ class _Bucket:
         self.ratio = torch.tensor([p.lora_A.numel() / p.lora_B.numel() for p in pairs], device=device)
         # 1 - shrink_ratio is formed in double on the host and rounded once, as `A.mul_(1 - shrink_ratio)` does.
         self.keep = torch.tensor(keep_factors, dtype=dtype, device=device)
-        self.keep_factors = keep_factors
         states = [layer_state[id(a)] for a in self.lora_A]
         # The vectors are the working storage; each layer's entries become views into them, so per-layer state is
         # current without any per-layer copy.

@@ -1,6 +1,6 @@
 """Run configuration: HF-style dataclass arguments loaded from YAML with ``section.key=value`` overrides.
 
-Sections: ``model``, ``data``, ``lora``, ``method`` (stablelora.methods.MethodArguments) and ``training``
+Sections: ``model``, ``data``, ``lora``, ``method`` (stablelora.methods.MethodArguments), ``monitor`` and ``training``
 (``transformers.TrainingArguments``). Unknown sections or keys, and values of the wrong type, raise one
 ``ConfigError`` that names the key and says how to fix it.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,22 @@ from stablelora.methods import MethodArguments, check_combination
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key in the message."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so `save_strategy: no` stays the string 'no'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -52,6 +69,13 @@ class LoraArguments:
         default=None, metadata={"help": "default: q_proj,v_proj (causal LM, as the paper) / query,value (encoder)"})
 
 
+@dataclass
+class MonitorArguments:
+    enabled: bool = field(default=True, metadata={"help": "record per-layer stability diagnostics (monitor.jsonl)"})
+    every: int = field(default=10, metadata={"help": "optimizer steps between records"})
+    probe_examples: int = field(default=8, metadata={"help": "training examples in the fixed probe batch"})
+
+
 SECTIONS: dict[str, type] = {}
 
 
@@ -60,7 +84,7 @@ def _sections() -> dict[str, type]:
         from transformers import TrainingArguments
 
         SECTIONS.update(model=ModelArguments, data=DataArguments, lora=LoraArguments, method=MethodArguments,
-                        training=TrainingArguments)
+                        monitor=MonitorArguments, training=TrainingArguments)
     return SECTIONS
 
 
@@ -70,6 +94,7 @@ class RunConfig:
     data: DataArguments
     lora: LoraArguments
     method: MethodArguments
+    monitor: MonitorArguments
     training: Any  # transformers.TrainingArguments; its output_dir is RUN/checkpoints
     raw: dict = field(default_factory=dict)  # the resolved config as plain data, written to the run directory
     run_dir: Path = Path("runs/default")
@@ -130,7 +155,7 @@ def parse_overrides(overrides: list[str]) -> dict:
                               "stable-lora or training.learning_rate=2e-4).")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
+        nested.setdefault(section, {})[name] = _load_yaml(value) if value != "" else None
     return nested
 
 
@@ -196,7 +221,7 @@ def load_config(path: str | None, overrides: list[str] = (), output_dir: str | N
             raise ConfigError(f"Config file '{path}' does not exist. Examples are in configs/.")
         with open(path, encoding="utf-8") as f:
             try:
-                loaded = yaml.safe_load(f) or {}
+                loaded = _load_yaml(f.read()) or {}
             except yaml.YAMLError as err:
                 raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):

@@ -4,6 +4,8 @@ RUN/config.yaml          resolved config, with versions
 RUN/eval_before.json     evaluation of the untrained adapter (B = 0: the base model)
 RUN/metrics.json         eval before/after, train loss, wall time, tokens/s, Stable-LoRA stop summary
 RUN/stable_lora_status.json   per-layer shrink status (Stable-LoRA runs)
+RUN/monitor.jsonl        per-step, per-layer stability diagnostics (StabilityMonitor)
+RUN/log_history.json     Trainer's log (training loss, learning rate, ...) for reports
 RUN/adapter/             adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained)
 RUN/checkpoints/         Trainer checkpoints (optimizer state includes the Stable-LoRA flags)
 RUN/tb/                  TensorBoard events
@@ -25,6 +27,7 @@ import torch
 import yaml
 
 from stablelora.assets.models import resolve_model
+from stablelora.diagnostics.monitor import StabilityMonitor
 from stablelora.assets.tasks import CLASSIFICATION, GENERATION, MULTIPLE_CHOICE, TaskData, load_jsonl_task, load_task
 from stablelora.eval.classification import evaluate_classification
 from stablelora.eval.math import evaluate_math
@@ -274,14 +277,19 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     write_json(before_path, eval_before)
 
     interrupt = GracefulInterrupt()
+    callbacks = [interrupt]
+    if cfg.monitor.enabled:
+        probe = pipeline.collator()(pipeline.train_items(task.train[: cfg.monitor.probe_examples]))
+        callbacks.append(StabilityMonitor(model, probe, every=cfg.monitor.every, output_dir=run_dir))
     trainer = StableLoRATrainer(model=model, args=cfg.training, train_dataset=ListDataset(train_items),
-                                data_collator=pipeline.collator(), method=cfg.method, callbacks=[interrupt])
+                                data_collator=pipeline.collator(), method=cfg.method, callbacks=callbacks)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
     if interrupt.requested:
         raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
 
+    write_json(run_dir / "log_history.json", trainer.state.log_history)
     eval_after = pipeline.evaluate(model)
     save_adapter(model, run_dir / "adapter", init_dir)
     summary = stop_summary(unwrap_optimizer(trainer.optimizer))

@@ -1,0 +1,1 @@
+"""Reports built from run directories only (never from training code)."""

@@ -1,0 +1,237 @@
+"""``stablelora report RUN_DIR [RUN_DIR ...]``: stability plots and a Markdown summary from run directories.
+
+Reads only the run-directory contract: metrics.json, monitor.jsonl, log_history.json, config.yaml. Writes PNGs
+and report.md into the output directory:
+  norms.png        median ||A||_F and ||B||_F over steps, one panel per module type, runs overlaid (paper Fig. 2)
+  shrinking.png    fraction of LoRA layers still shrinking over steps (Stable-LoRA runs)
+  stop_steps.png   histogram of the step at which each layer stopped shrinking, by module type
+  delta_ratio.png  median delta1/delta2 (A-path over B-path output update) over steps
+  loss.png         training loss over steps
+  eval.png         headline eval metric before and after training
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ReportError(ValueError):
+    """Input that cannot be reported on; the message says what is missing."""
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    metrics: dict | None
+    records: list[dict]
+    log_history: list[dict] = field(default_factory=list)
+
+
+def _label(path: Path, config: dict | None, metrics: dict | None) -> str:
+    method = (metrics or {}).get("method") or (config or {}).get("method") or {}
+    optimizer = method.get("optimizer", "?")
+    adapters = [a for a in method.get("adapter", ["default"]) if a != "default"]
+    method_name = optimizer + (f"+{'+'.join(adapters)}" if adapters else "")
+    return method_name if path.name == method_name else f"{path.name}: {method_name}"
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a directory; give run directories written by 'stablelora train'.")
+    monitor = path / "monitor.jsonl"
+    metrics_path, config_path = path / "metrics.json", path / "config.yaml"
+    if not monitor.exists():
+        if not metrics_path.exists() and not config_path.exists():
+            raise ReportError(f"{path} is not a run directory (no metrics.json, config.yaml or monitor.jsonl).")
+        raise ReportError(f"{path} has no monitor data (monitor.jsonl): it was trained with monitor.enabled=false "
+                          "or stopped before the first record. Re-run with the monitor on (the default).")
+    by_step: dict[int, dict] = {}
+    for n, line in enumerate(monitor.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ReportError(f"{monitor}:{n} is not valid JSON ({err.msg}).") from err
+            by_step[record["step"]] = record  # a resumed run re-records steps after its checkpoint: keep the last
+    if not by_step:
+        raise ReportError(f"{monitor} is empty.")
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    history_path = path / "log_history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    return Run(path=path, label=_label(path, config, metrics), metrics=metrics,
+               records=[by_step[s] for s in sorted(by_step)], log_history=history)
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _series_by_type(run: Run, key: str) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for record in run.records:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for layer in record["layers"]:
+            if layer.get(key) is not None:
+                groups[layer["type"]].append(layer[key])
+        for kind, values in groups.items():
+            series[kind][0].append(record["step"])
+            series[kind][1].append(_median(values))
+    return dict(series)
+
+
+def _headline(result: dict) -> tuple[str, float]:
+    key = "accuracy" if "accuracy" in result else "exact_match"
+    return key, result[key]
+
+
+def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [load_run(p) for p in run_dirs]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    colours = {run.label: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
+    images: list[tuple[str, str]] = []
+
+    def save(fig, name: str, caption: str) -> None:
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out / name)
+        plt.close(fig)
+        images.append((name, caption))
+
+    types = sorted({layer["type"] for run in runs for r in run.records for layer in r["layers"]})
+    cols = min(3, len(types))
+    rows = -(-len(types) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, kind in zip(axes.flat, types):
+        for run in runs:
+            for key, style in (("a_norm", "-"), ("b_norm", "--")):
+                steps, values = _series_by_type(run, key).get(kind, ([], []))
+                if steps:
+                    ax.plot(steps, values, style, color=colours[run.label],
+                            label=f"{run.label} {'‖A‖' if key == 'a_norm' else '‖B‖'}")
+        ax.set_title(kind)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("median Frobenius norm")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(types):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    save(fig, "norms.png", "‖A‖_F (solid) and ‖B‖_F (dashed) per module type, median over layers")
+
+    stable_runs = [r for r in runs if r.records[-1]["summary"].get("shrinking_fraction") is not None]
+    if stable_runs:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for run in stable_runs:
+            ax.plot([r["step"] for r in run.records], [r["summary"]["shrinking_fraction"] for r in run.records],
+                    color=colours[run.label], label=run.label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("fraction of LoRA layers still shrinking")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "shrinking.png", "Fraction of LoRA layers still shrinking (Stable-LoRA runs)")
+
+        fig, axes = plt.subplots(1, len(stable_runs), figsize=(6 * len(stable_runs), 3.8), squeeze=False)
+        for ax, run in zip(axes.flat, stable_runs):
+            stops: dict[str, list[int]] = defaultdict(list)
+            never = 0
+            for layer in run.records[-1]["layers"]:
+                if layer.get("stop_step") is None:
+                    never += 1
+                else:
+                    stops[layer["type"]].append(layer["stop_step"])
+            if stops:
+                ax.hist(list(stops.values()), bins=20, stacked=True, label=list(stops.keys()))
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no layer has stopped yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(f"{run.label}\n({never} layer(s) still shrinking at step {run.records[-1]['step']})",
+                         fontsize=9)
+            ax.set_xlabel("stop step")
+            ax.set_ylabel("LoRA layers")
+        save(fig, "stop_steps.png", "Step at which each LoRA layer stopped shrinking, by module type")
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for run in runs:
+        points = [(r["step"], r["summary"]["median_delta_ratio"]) for r in run.records
+                  if r["summary"].get("median_delta_ratio")]
+        if points:
+            ax.plot(*zip(*points), color=colours[run.label], label=run.label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("median δ1 / δ2 (A-path / B-path)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "delta_ratio.png", "Balance of the first-order output updates: δ1 = s·ΔB·A·x over δ2 = s·B·ΔA·x")
+
+    if any(run.log_history for run in runs):
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for run in runs:
+            points = [(h["step"], h["loss"]) for h in run.log_history if "loss" in h and "step" in h]
+            if points:
+                ax.plot(*zip(*points), color=colours[run.label], label=run.label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "loss.png", "Training loss")
+
+    with_metrics = [run for run in runs if run.metrics]
+    if with_metrics:
+        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(with_metrics)), 3.8))
+        for i, run in enumerate(with_metrics):
+            task = run.metrics["task"]
+            key, before = _headline(run.metrics["eval_before"][task])
+            _, after = _headline(run.metrics["eval_after"][task])
+            ax.bar([i - 0.2, i + 0.2], [before, after], width=0.38, color=[(0.7, 0.7, 0.7), colours[run.label]])
+            ax.text(i + 0.2, after, f"{after:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(with_metrics)), [r.label for r in with_metrics], rotation=15, fontsize=8)
+        ax.set_ylabel(f"{key} (grey: before, colour: after)")
+        save(fig, "eval.png", "Headline eval metric before (grey) and after training")
+
+    lines = ["# Stability report", "", f"Runs: {', '.join(str(r.path) for r in runs)}", "",
+             "| run | task | eval before → after | mean train loss | layers stopped | median stop step | "
+             "final median δ1/δ2 |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        last = run.records[-1]
+        flags = [l for l in last["layers"] if "shrinking" in l]
+        stopped = f"{sum(not l['shrinking'] for l in flags)}/{len(flags)}" if flags else "n/a"
+        ratio = last["summary"].get("median_delta_ratio")
+        if run.metrics:
+            task = run.metrics["task"]
+            key, before = _headline(run.metrics["eval_before"][task])
+            _, after = _headline(run.metrics["eval_after"][task])
+            evals, loss = f"{key} {before:.3f} → {after:.3f}", f"{run.metrics['train_loss']:.4f}"
+        else:
+            task, evals, loss = "?", "(no metrics.json)", "?"
+        median_stop = last["summary"].get("median_stop_step")
+        lines.append(f"| {run.label} | {task} | {evals} | {loss} | {stopped} | "
+                     f"{median_stop if median_stop is not None else 'n/a'} | "
+                     f"{f'{ratio:.3g}' if ratio else 'n/a'} |")
+    lines.append("")
+    for name, caption in images:
+        lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    report = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, report)
+    return report

@@ -1,0 +1,44 @@
+"""stablelora report on stored run directories (two short real MiniLM runs: adamw and stable-lora)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from stablelora.cli import main
+from stablelora.reporting.report import ReportError, load_run, write_report
+
+RUNS = Path(__file__).parent / "data" / "runs"
+
+
+def test_report_writes_every_plot_and_a_summary(tmp_path):
+    report = write_report([RUNS / "adamw", RUNS / "stable-lora"], tmp_path)
+    text = report.read_text()
+    for name in ("norms.png", "shrinking.png", "stop_steps.png", "delta_ratio.png", "loss.png", "eval.png"):
+        assert (tmp_path / name).stat().st_size > 5_000, name
+        assert f"]({name})" in text
+    assert "| adamw |" in text and "| stable-lora |" in text
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_resumed_run_records_are_deduplicated_by_step(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(RUNS / "stable-lora", run)
+    lines = (run / "monitor.jsonl").read_text().splitlines()
+    (run / "monitor.jsonl").write_text("\n".join(lines + lines[-2:]) + "\n")  # as after a resume
+    assert [r["step"] for r in load_run(run).records] == [r["step"] for r in load_run(RUNS / "stable-lora").records]
+
+
+def test_bad_input_gets_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ReportError, match="is not a directory"):
+        load_run(tmp_path / "missing")
+    with pytest.raises(ReportError, match="is not a run directory"):
+        load_run(tmp_path)
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ReportError, match="no monitor data"):
+        load_run(tmp_path)
+    (tmp_path / "monitor.jsonl").write_text("{not json\n")
+    with pytest.raises(ReportError, match="monitor.jsonl:1 is not valid JSON"):
+        load_run(tmp_path)
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
