@@ -17,9 +17,10 @@ def test_fit_exponent_recovers_a_power_law():
 def test_reduced_theory_run_produces_every_variant_and_a_verdict():
     results, fits, verdicts = run_theory((32, 64, 128), steps=40, tail=10, progress=False)
     assert {r.variant for r in results} == set(PREDICTED) and len(results) == 9
-    assert all(r.delta2 > 0 and r.delta_y > 0 for r in results)
+    assert all(r.early[1] > 0 and r.late[1] > 0 and r.late[2] > 0 for r in results)
     assert any(r.stopped_at for r in results if r.variant == "stable-lora")
-    assert len(verdicts) == 3 and all(re.search(r"-> (AGREES|DISAGREES) with the prediction", v) for v in verdicts)
+    assert len(verdicts) == 6 and all(
+        re.search(r"the balance (AGREES|DISAGREES);.*the exponents (AGREE|DISAGREE) with", v) for v in verdicts)
 
 
 def test_theory_command_writes_table_and_plot(tmp_path, capsys):

@@ -30,11 +30,12 @@ PREDICTED = {  # exponent of RMS(delta1), RMS(delta2) in n
 
 @dataclass
 class WidthResult:
+    """RMS of delta1, delta2 and dY averaged over the early window (steps 2..tail+1) and the last ``tail`` steps."""
+
     variant: str
     width: int
-    delta1: float
-    delta2: float
-    delta_y: float
+    early: tuple[float, float, float]
+    late: tuple[float, float, float]
     stopped_at: int | None
 
 
@@ -53,7 +54,7 @@ def _run(variant: str, n: int, *, n0: int, rank: int, steps: int, tail: int, eta
     eta, s = eta0 * (n / n0) ** -1.5, s0 * (n / n0) ** 2
     opt = torch.optim.Adam([a, b], lr=eta)
     shrinking, stopped_at = variant == "stable-lora", None
-    d1s, d2s, dys = [], [], []
+    per_step = []
     for t in range(1, steps + 1):
         opt.zero_grad()
         loss = (s * (x @ a.T) @ b.T - target).pow(2).mean()
@@ -66,16 +67,19 @@ def _run(variant: str, n: int, *, n0: int, rank: int, steps: int, tail: int, eta
                 else:
                     a.mul_(1 - shrink_ratio)
         opt.step()  # dA below includes this step's shrink: it is part of how A changed
-        if t > steps - tail:
-            with torch.no_grad():
-                da, db = a.detach() - a0, b.detach() - b0
-                d1s.append((s * (x @ a0.T) @ db.T).pow(2).mean().sqrt().item())
-                d2s.append((s * (x @ da.T) @ b0.T).pow(2).mean().sqrt().item())
-                y0 = s * (x @ a0.T) @ b0.T
-                y1 = s * (x @ a.detach().T) @ b.detach().T
-                dys.append((y1 - y0).pow(2).mean().sqrt().item())
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return WidthResult(variant, n, mean(d1s), mean(d2s), mean(dys), stopped_at)
+        with torch.no_grad():
+            da, db = a.detach() - a0, b.detach() - b0
+            y0 = s * (x @ a0.T) @ b0.T
+            y1 = s * (x @ a.detach().T) @ b.detach().T
+            per_step.append(((s * (x @ a0.T) @ db.T).pow(2).mean().sqrt().item(),
+                             (s * (x @ da.T) @ b0.T).pow(2).mean().sqrt().item(),
+                             (y1 - y0).pow(2).mean().sqrt().item()))
+
+    def window(rows):
+        return tuple(sum(r[k] for r in rows) / len(rows) for k in range(3))
+
+    # step 1 has B = 0, so delta2 = 0: the early window starts at step 2
+    return WidthResult(variant, n, window(per_step[1 : 1 + tail]), window(per_step[-tail:]), stopped_at)
 
 
 def fit_exponent(widths: list[int], values: list[float]) -> float:
@@ -99,26 +103,28 @@ def run_theory(widths=(128, 256, 512, 1024, 2048, 4096), *, rank: int = 4, steps
         for v, n in tqdm(jobs, desc="width-scaling runs", disable=not progress)
     ]
     fits, verdicts = {}, []
-    for variant, (p1, p2) in PREDICTED.items():
-        rows = [r for r in results if r.variant == variant]
-        g1 = fit_exponent(widths, [r.delta1 for r in rows])
-        g2 = fit_exponent(widths, [r.delta2 for r in rows])
-        gy = fit_exponent(widths, [r.delta_y for r in rows])
-        fits[variant] = (g1, g2, gy)
-        ok = abs(g1 - p1) <= tolerance and abs(g2 - p2) <= tolerance
-        verdicts.append(f"{variant}: measured gamma[delta1] = {g1:+.2f} (predicted {p1:+.1f}), gamma[delta2] = "
-                        f"{g2:+.2f} (predicted {p2:+.1f}), gamma[dY] = {gy:+.2f} -> "
-                        f"{'AGREES' if ok else 'DISAGREES'} with the prediction (tolerance {tolerance}).")
+    for phase in ("early", "late"):
+        for variant, (p1, p2) in PREDICTED.items():
+            rows = [getattr(r, phase) for r in results if r.variant == variant]
+            g1, g2, gy = (fit_exponent(widths, [row[k] for row in rows]) for k in range(3))
+            fits[(phase, variant)] = (g1, g2, gy)
+            ok = abs(g1 - p1) <= tolerance and abs(g2 - p2) <= tolerance
+            balance_ok = abs((g1 - g2) - (p1 - p2)) <= tolerance
+            verdicts.append(f"{phase} steps, {variant}: gamma[delta1/delta2] = {g1 - g2:+.2f} (predicted "
+                            f"{p1 - p2:+.1f}): the balance {'AGREES' if balance_ok else 'DISAGREES'}; gamma[delta1] = "
+                            f"{g1:+.2f} (predicted {p1:+.1f}), gamma[delta2] = {g2:+.2f} (predicted {p2:+.1f}), "
+                            f"gamma[dY] = {gy:+.2f} -> the exponents {'AGREE' if ok else 'DISAGREE'} with the "
+                            f"prediction (tolerance {tolerance}).")
     return results, fits, verdicts
 
 
 def format_table(results: list[WidthResult]) -> str:
-    lines = ["| variant | n | RMS delta1 | RMS delta2 | RMS dY | delta1/delta2 | stopped at step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | n | early delta1 | early delta2 | early delta1/delta2 | late delta1 | late delta2 | "
+             "late delta1/delta2 | stopped at step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ratio = r.delta1 / r.delta2 if r.delta2 else float("inf")
-        lines.append(f"| {r.variant} | {r.width} | {r.delta1:.3e} | {r.delta2:.3e} | {r.delta_y:.3e} | "
-                     f"{ratio:.3g} | {r.stopped_at if r.stopped_at else '-'} |")
+        (e1, e2, _), (l1, l2, _) = r.early, r.late
+        lines.append(f"| {r.variant} | {r.width} | {e1:.3e} | {e2:.3e} | {e1 / e2:.3g} | {l1:.3e} | {l2:.3e} | "
+                     f"{l1 / l2:.3g} | {r.stopped_at if r.stopped_at else '-'} |")
     return "\n".join(lines)
 
 
@@ -127,20 +133,25 @@ def plot(results: list[WidthResult], fits: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in zip(axes, ("delta1", "delta2", "delta_y"),
-                              ("A-path δ1 = s·ΔB·A·x", "B-path δ2 = s·B·ΔA·x", "whole update ΔY")):
-        for i, variant in enumerate(PREDICTED):
-            rows = [r for r in results if r.variant == variant]
-            gamma = fits[variant][("delta1", "delta2", "delta_y").index(key)]
-            ax.loglog([r.width for r in rows], [getattr(r, key) for r in rows], "o-", color=plt.cm.tab10(i),
-                      label=f"{variant} (γ = {gamma:+.2f})")
-        ax.set_title(title)
-        ax.set_xlabel("width n")
-        ax.set_ylabel("RMS per output entry (last steps)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
+    titles = ("A-path δ1 = s·ΔB·A·x", "B-path δ2 = s·B·ΔA·x", "whole update ΔY")
+    for row, phase in enumerate(("early", "late")):
+        for k, title in enumerate(titles):
+            ax = axes[row][k]
+            for i, variant in enumerate(PREDICTED):
+                rows = [r for r in results if r.variant == variant]
+                ax.loglog([r.width for r in rows], [getattr(r, phase)[k] for r in rows], "o-",
+                          color=plt.cm.tab10(i), label=f"{variant} (γ = {fits[(phase, variant)][k]:+.2f})")
+            widths = sorted({r.width for r in results})
+            ax.set_xticks(widths, [str(w) for w in widths])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_title(f"{title} ({phase} steps)")
+            ax.set_xlabel("width n")
+            ax.set_ylabel("RMS per output entry")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
