@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from stablelora.optim.distributed import (check_replicas, global_norms, local_tensor, refuse_flat_parameters,
+                                          shard_groups)
 from stablelora.optim.pairs import LoraPair, check_adapter_dtypes, find_lora_pairs
 
 SHRINKING_KEY = "stable_lora_shrinking"
@@ -68,19 +70,21 @@ def _check_shrink_ratio(value: Any, where: str) -> float:
 
 
 class _Bucket:
-    """The tracked layers that share one device and dtype, with their state gathered into vectors."""
+    """The tracked layers that share device, dtype and sharding, with their state gathered into vectors."""
 
     def __init__(self, layer_state: dict[int, dict[str, torch.Tensor]], pairs: list[LoraPair],
-                 keep_factors: list[float]):
+                 keep_factors: list[float], groups: tuple):
         self.pairs = pairs
-        self.lora_A = [p.lora_A for p in pairs]
-        self.lora_B = [p.lora_B for p in pairs]
+        # local shards (the tensors themselves without FSDP2); shapes below are global (DTensor.numel())
+        self.lora_A = [local_tensor(p.lora_A) for p in pairs]
+        self.lora_B = [local_tensor(p.lora_B) for p in pairs]
+        self.groups = groups
         device, dtype = self.lora_A[0].device, self.lora_A[0].dtype
         # numel(A)/numel(B) = in/out, the reference's own form of the threshold, computed on the global shapes.
         self.ratio = torch.tensor([p.lora_A.numel() / p.lora_B.numel() for p in pairs], device=device)
         # 1 - shrink_ratio is formed in double on the host and rounded once, as `A.mul_(1 - shrink_ratio)` does.
         self.keep = torch.tensor(keep_factors, dtype=dtype, device=device)
-        states = [layer_state[id(a)] for a in self.lora_A]
+        states = [layer_state[id(p.lora_A)] for p in pairs]
         # The vectors are the working storage; each layer's entries become views into them, so per-layer state is
         # current without any per-layer copy.
         self.shrinking = torch.stack([s[SHRINKING_KEY] for s in states])
@@ -92,9 +96,14 @@ class _Bucket:
         self._copy_done: Any = None
 
     def shrink(self) -> None:
-        norms_a = torch.stack(torch._foreach_norm(self.lora_A))
-        norms_b = torch.stack(torch._foreach_norm(self.lora_B))
+        if self.groups:
+            norms = global_norms(self.lora_A + self.lora_B, self.groups)
+            norms_a, norms_b = norms[: len(self.lora_A)], norms[len(self.lora_A) :]
+        else:
+            norms_a = torch.stack(torch._foreach_norm(self.lora_A))
+            norms_b = torch.stack(torch._foreach_norm(self.lora_B))
         self.shrinking.logical_and_(~(norms_a < self.ratio * norms_b))
+        check_replicas(self.shrinking)
         self.shrink_steps.add_(self.shrinking)
         factors = torch.where(self.shrinking, self.keep, 1.0)
         torch._foreach_mul_(self.lora_A, list(factors.unbind(0)))
@@ -175,9 +184,15 @@ class StableLoRAOptimizerMixin:
             still_shrinking = [p for p in self._lora_pairs if bool(self._layer_state[id(p.lora_A)][SHRINKING_KEY])]
         by_key: dict[tuple, list[LoraPair]] = {}
         for pair in still_shrinking:
-            by_key.setdefault((pair.lora_A.device, pair.lora_A.dtype), []).append(pair)
+            groups = shard_groups(pair.lora_A)
+            if groups != shard_groups(pair.lora_B):
+                raise ValueError(f"{pair.name}: lora_A and lora_B are sharded over different process groups; "
+                                 "shard both factors of a LoRA layer with the same fully_shard call.")
+            key = (pair.lora_A.device, pair.lora_A.dtype, tuple(id(g) for g in groups))
+            by_key.setdefault(key, []).append(pair)
         self._buckets = [
-            _Bucket(self._layer_state, pairs, [1.0 - ratios[self._group_of_A[id(p.lora_A)]] for p in pairs])
+            _Bucket(self._layer_state, pairs, [1.0 - ratios[self._group_of_A[id(p.lora_A)]] for p in pairs],
+                    shard_groups(pairs[0].lora_A))
             for pairs in by_key.values()
         ]
 
@@ -204,6 +219,14 @@ class StableLoRAOptimizerMixin:
             bucket.shrink()
         self._drop_stopped_layers()
 
+    def _is_state_initialisation_step(self) -> bool:
+        """True for the zero-gradient, lr = 0 step that torch.distributed.checkpoint takes to create optimizer
+        state before saving or loading; it is not a training step, so it must neither shrink nor count."""
+        if self.state or any(g.get("lr", 1.0) != 0 for g in self.param_groups):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"]]
+        return all(grad is not None and not local_tensor(grad).any() for grad in grads)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
@@ -211,7 +234,7 @@ class StableLoRAOptimizerMixin:
             # at the unshrunk A; evaluating it here keeps that order for every base optimizer.
             with torch.enable_grad():
                 loss = closure()
-        if self._buckets:
+        if self._buckets and not self._is_state_initialisation_step():
             self.shrink_lora_A()
         base_step = self._base_optimizer_cls.step
         # Call the base step unwrapped so step hooks (profiling, user pre/post hooks) run once, not twice.
@@ -237,24 +260,27 @@ class StableLoRAOptimizerMixin:
         # entry holding only them would hide a missing base state, so take them out before the base loads.
         ours: dict[Any, dict[str, torch.Tensor]] = {}
         base_state = {}
-        for index, entry in state_dict["state"].items():
-            ours[index] = {k: v for k, v in entry.items() if k in _STATE_DTYPES}
+        for key, entry in state_dict["state"].items():
+            ours[key] = {k: v for k, v in entry.items() if k in _STATE_DTYPES}
             rest = {k: v for k, v in entry.items() if k not in _STATE_DTYPES}
             if rest:
-                base_state[index] = rest
+                base_state[key] = rest
         super().load_state_dict({**state_dict, "state": base_state})
         for group in self.param_groups:  # a plain optimizer's checkpoint has no shrink_ratio in its groups
             group.setdefault("shrink_ratio", self.defaults["shrink_ratio"])
+        # Saved keys are matched to parameters by position, as torch does: they are integers from state_dict(),
+        # or parameter names when torch.distributed.checkpoint loads.
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         missing = []
-        for key, index in self._index_of_A().items():
-            saved = ours.get(index, {})
+        for key, position in self._index_of_A().items():
+            saved = ours.get(saved_keys[position], {})
             state = self._layer_state[key]
             if set(saved) != set(_STATE_DTYPES):
                 missing.append(key)
                 state.update(self._fresh_layer_state(state[SHRINKING_KEY]))
                 continue
             for name, value in saved.items():
-                state[name] = value.to(device=state[name].device, dtype=_STATE_DTYPES[name]).clone()
+                state[name] = local_tensor(value).to(device=state[name].device, dtype=_STATE_DTYPES[name]).clone()
         if missing:
             warnings.warn(
                 f"The loaded optimizer state has no Stable-LoRA status for {len(missing)} of {len(self._lora_pairs)} "
@@ -365,6 +391,7 @@ def create_stablelora_optimizer(
     """
     _check_optimizer_cls(optimizer_cls)
     _check_shrink_ratio(shrink_ratio, "")
+    refuse_flat_parameters(model)
     pairs = find_lora_pairs(model)
     half = check_adapter_dtypes(pairs)
     if half:

@@ -246,8 +246,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if resume and resume_from is None:
         raise RunError(f"--resume: no finished checkpoint in {checkpoints}. Start the run without --resume.")
     check_combination(cfg.method)
+    # Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.yaml", yaml.safe_dump({**cfg.raw, "versions": versions()}, sort_keys=False))
+    if main_process:
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump({**cfg.raw, "versions": versions()}, sort_keys=False))
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tb")
 
     set_seed(cfg.training.seed)
@@ -263,7 +266,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     init_dir = None
     if any(ADAPTER_OPTIONS[o].mutates_base for o in cfg.method.adapter):
         init_dir = run_dir / "adapter_init"
-        if not init_dir.exists():
+        if main_process and not init_dir.exists():
             adapter_config = model.peft_config["default"]
             init_kind, adapter_config.init_lora_weights = adapter_config.init_lora_weights, True
             save_adapter(model, init_dir, None)
@@ -274,13 +277,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         eval_before = json.loads(before_path.read_text())
     if eval_before is None:
         eval_before = pipeline.evaluate(model)
-    write_json(before_path, eval_before)
+    if main_process:
+        write_json(before_path, eval_before)
 
     interrupt = GracefulInterrupt()
     callbacks = [interrupt]
     if cfg.monitor.enabled:
         probe = pipeline.collator()(pipeline.train_items(task.train[: cfg.monitor.probe_examples]))
-        callbacks.append(StabilityMonitor(model, probe, every=cfg.monitor.every, output_dir=run_dir))
+        callbacks.append(StabilityMonitor(model, probe, every=cfg.monitor.every,
+                                          output_dir=run_dir if main_process else None))
     trainer = StableLoRATrainer(model=model, args=cfg.training, train_dataset=ListDataset(train_items),
                                 data_collator=pipeline.collator(), method=cfg.method, callbacks=callbacks)
     started = time.perf_counter()
@@ -289,12 +294,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if interrupt.requested:
         raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
 
-    write_json(run_dir / "log_history.json", trainer.state.log_history)
     eval_after = pipeline.evaluate(model)
-    save_adapter(model, run_dir / "adapter", init_dir)
     summary = stop_summary(unwrap_optimizer(trainer.optimizer))
-    if summary is not None:
-        write_json(run_dir / "stable_lora_status.json", summary)
+    if main_process:
+        write_json(run_dir / "log_history.json", trainer.state.log_history)
+        save_adapter(model, run_dir / "adapter", init_dir)
+        if summary is not None:
+            write_json(run_dir / "stable_lora_status.json", summary)
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "task": task.name,
@@ -312,5 +318,6 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         "resumed_from": str(resume_from) if resume_from else None,
         "stable_lora": {k: v for k, v in summary.items() if k != "per_layer"} if summary else None,
     }
-    write_json(run_dir / "metrics.json", metrics)
+    if main_process:
+        write_json(run_dir / "metrics.json", metrics)
     return metrics

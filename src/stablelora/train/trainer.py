@@ -16,6 +16,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from stablelora.methods import MethodArguments, build_optimizer
+from stablelora.optim.distributed import DEEPSPEED_MESSAGE
 
 
 def unwrap_optimizer(optimizer):
@@ -31,6 +32,9 @@ class StableLoRATrainerMixin:
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):  # noqa: D401 - Trainer API
+        if self.optimizer is None and getattr(self, "is_deepspeed_enabled", False) and \
+                self.method.optimizer in ("stable-lora", "lora-rite"):
+            raise ValueError(f"method.optimizer={self.method.optimizer}: {DEEPSPEED_MESSAGE}")
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay_names = set(self.get_decay_parameter_names(opt_model))
