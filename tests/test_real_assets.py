@@ -76,3 +76,28 @@ def test_minilm_multiple_choice_head(tmp_path):
                       output_dir=str(tmp_path))
     metrics = run_training(cfg)
     assert metrics["eval_after"]["piqa"]["scoring"] == "multiple-choice head"
+
+
+def test_stablelora_train_under_torchrun_two_processes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import socket
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = tmp_path / "ddp"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", port, "-m", "stablelora.cli", "train",
+         "configs/minilm_privacyqa.yaml", "training.max_steps=4", "training.save_steps=2", "data.eval_size=16",
+         "training.disable_tqdm=true", "monitor.every=2", "--output-dir", str(run)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 2  # both ranks ran the command
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4
+    assert len((run / "monitor.jsonl").read_text().splitlines()) == 2  # written once, by the main process
+    assert (run / "checkpoints" / "checkpoint-4" / "optimizer.pt").exists()
