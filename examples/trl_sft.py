@@ -43,7 +43,7 @@ def main() -> None:
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=8,
                        learning_rate=1e-3, logging_steps=5, save_strategy="no", report_to="none", use_cpu=True,
-                       max_length=256),
+                       max_length=256, bf16=False),  # TRL defaults to bf16 autocast, very slow on CPU
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
