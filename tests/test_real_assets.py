@@ -72,10 +72,11 @@ def test_smollm2_math_generation_eval_runs(tmp_path):
 
 def test_minilm_multiple_choice_head(tmp_path):
     cfg = load_config("configs/minilm_privacyqa.yaml",
-                      ["data.dataset=piqa", "data.eval_size=16", "training.max_steps=2", "training.disable_tqdm=true"],
-                      output_dir=str(tmp_path))
+                      ["data.dataset=piqa", "data.eval_size=16", "data.validation_size=8", "training.max_steps=2",
+                       "training.disable_tqdm=true"], output_dir=str(tmp_path))
     metrics = run_training(cfg)
     assert metrics["eval_after"]["piqa"]["scoring"] == "multiple-choice head"
+    assert metrics["eval_validation"]["piqa"]["examples"] == 8
 
 
 def test_stablelora_train_under_torchrun_two_processes(tmp_path):

@@ -54,3 +54,22 @@ def test_jsonl_task_formats_and_errors(tmp_path):
         load_jsonl_task(str(tmp_path / "none.jsonl"), evaluation, "classification")
     with pytest.raises(ValueError, match="data.format must be one of"):
         load_jsonl_task(train, evaluation, "regression")
+
+
+def test_validation_is_carved_from_train_and_the_eval_split_ignores_the_training_seed(tmp_path):
+    from stablelora.train.config import load_config
+    from stablelora.train.run import RunError, load_task_data
+
+    def task_for(*overrides):
+        cfg = load_config(None, ["data.dataset=openbookqa", "data.eval_size=50", *overrides],
+                          output_dir=str(tmp_path))
+        return load_task_data(cfg)
+
+    task = task_for("data.validation_size=30")
+    keys = [{example_key(x) for x in part} for part in (task.train, task.validation, task.eval)]
+    assert len(task.validation) == 30 and not keys[0] & keys[1] and not keys[1] & keys[2] and not keys[0] & keys[2]
+    other_seed = task_for("data.validation_size=30", "training.seed=7")
+    assert [example_key(x) for x in other_seed.eval] == [example_key(x) for x in task.eval]
+    assert "Validation: the first 30" in task.split_note
+    with pytest.raises(RunError, match="leaves no training data"):
+        task_for("data.validation_size=10000")

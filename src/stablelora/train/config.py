@@ -54,6 +54,9 @@ class DataArguments:
     eval_file: str | None = None
     format: str | None = field(default=None, metadata={"help": "jsonl: multiple_choice|classification|generation"})
     eval_size: int = 200
+    validation_size: int = field(default=0, metadata={
+        "help": "examples held out of train to choose hyper-parameters on (never the eval split); 0 = none"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/eval split, fixed across training seeds"})
     max_train_examples: int | None = None
     max_length: int = 256
     max_new_tokens: int = 192

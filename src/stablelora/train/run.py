@@ -76,7 +76,13 @@ def load_task_data(cfg: RunConfig) -> TaskData:
     if data.dataset == "jsonl":
         task = load_jsonl_task(data.train_file, data.eval_file, data.format)
     else:
-        task = load_task(data.dataset, eval_size=data.eval_size, seed=cfg.training.seed)
+        task = load_task(data.dataset, eval_size=data.eval_size, seed=data.split_seed)
+    if data.validation_size:
+        if data.validation_size >= len(task.train):
+            raise RunError(f"data.validation_size={data.validation_size} leaves no training data ({len(task.train)} "
+                           "training examples). Lower it.")
+        task.validation, task.train = task.train[: data.validation_size], task.train[data.validation_size :]
+        task.split_note += f" Validation: the first {data.validation_size} training examples, held out of training."
     if data.max_train_examples is not None:
         task.train = task.train[: data.max_train_examples]
     return task
@@ -133,19 +139,22 @@ class TaskPipeline:
             return causal_sft_items(self.tokenizer, examples, self.task.family, self.cfg.data.max_length)
         return examples
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, validation: bool = False) -> dict:
+        """Scores on the eval split (and extra evals), or on the validation split carved from train."""
         data, task = self.cfg.data, self.task
+        examples = task.validation if validation else task.eval
         if self.kind == ENCODER:
             fn = evaluate_classification if task.family == CLASSIFICATION else evaluate_encoder_mc
-            return {task.name: fn(model, self.collator(), task.eval, batch_size=data.eval_batch_size)}
+            return {task.name: fn(model, self.collator(), examples, batch_size=data.eval_batch_size)}
         if task.family == MULTIPLE_CHOICE:
-            return {task.name: evaluate_causal_mc(model, self.tokenizer, task.eval, max_length=data.max_length,
+            return {task.name: evaluate_causal_mc(model, self.tokenizer, examples, max_length=data.max_length,
                                                   batch_size=data.eval_batch_size)}
         results = {}
-        for name, examples in {task.name: task.eval, **task.extra_eval}.items():
-            results[name] = evaluate_math(model, self.tokenizer, examples, max_new_tokens=data.max_new_tokens,
+        splits = {task.name: examples} if validation else {task.name: task.eval, **task.extra_eval}
+        for name, split in splits.items():
+            results[name] = evaluate_math(model, self.tokenizer, split, max_new_tokens=data.max_new_tokens,
                                           max_length=data.max_length, batch_size=data.eval_batch_size)
-            results[name]["answer_token_loss"] = answer_token_loss(model, self.train_items(examples),
+            results[name]["answer_token_loss"] = answer_token_loss(model, self.train_items(split),
                                                                    self.collator(), data.eval_batch_size)
         return results
 
@@ -295,6 +304,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
 
     eval_after = pipeline.evaluate(model)
+    eval_validation = pipeline.evaluate(model, validation=True) if task.validation else None
     summary = stop_summary(unwrap_optimizer(trainer.optimizer))
     if main_process:
         write_json(run_dir / "log_history.json", trainer.state.log_history)
@@ -310,6 +320,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         "seed": cfg.training.seed,
         "eval_before": eval_before,
         "eval_after": eval_after,
+        "eval_validation": eval_validation,
         "train_loss": result.training_loss,
         "train_steps": trainer.state.global_step,
         "train_wall_seconds": wall,
