@@ -16,6 +16,7 @@ def _offline_env() -> None:
 
 
 def _train(args) -> int:
+    from stablelora.eval import headline
     from stablelora.train.config import load_config
     from stablelora.train.run import run_training
 
@@ -23,9 +24,8 @@ def _train(args) -> int:
     metrics = run_training(cfg, resume=args.resume)
     print(f"run directory: {cfg.run_dir}")
     for name, after in metrics["eval_after"].items():
-        before = metrics["eval_before"][name]
-        key = "accuracy" if "accuracy" in after else "exact_match"
-        print(f"{name}: {key} {before[key]:.3f} -> {after[key]:.3f}")
+        key, value = headline(after)
+        print(f"{name}: {key} {headline(metrics['eval_before'][name])[1]:.3f} -> {value:.3f}")
     return 0
 
 
@@ -40,6 +40,7 @@ def _theory(args) -> int:
     from pathlib import Path
 
     from stablelora.diagnostics.theory import format_table, plot, run_theory
+    from stablelora.fileio import write_atomic
 
     widths = [int(w) for w in args.widths.split(",")]
     if len(widths) < 2 or any(w < 8 for w in widths):
@@ -49,8 +50,8 @@ def _theory(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, fits, str(out / "theory.png"))
     text = "\n".join([format_table(results), "", *verdicts])
-    (out / "theory.md").write_text(f"Command: stablelora theory --widths {args.widths} --steps {args.steps}\n\n"
-                                   f"{text}\n\n![log-log](theory.png)\n")
+    write_atomic(out / "theory.md", f"Command: stablelora theory --widths {args.widths} --steps {args.steps}\n\n"
+                                    f"{text}\n\n![log-log](theory.png)\n")
     print(text)
     print(f"\nplot: {out / 'theory.png'}")
     return 0

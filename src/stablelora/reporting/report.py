@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from stablelora.eval import headline
+from stablelora.fileio import write_atomic
+
 
 class ReportError(ValueError):
     """Input that cannot be reported on; the message says what is missing."""
@@ -88,11 +91,6 @@ def _series_by_type(run: Run, key: str) -> dict[str, tuple[list[int], list[float
             series[kind][0].append(record["step"])
             series[kind][1].append(_median(values))
     return dict(series)
-
-
-def _headline(result: dict) -> tuple[str, float]:
-    key = "accuracy" if "accuracy" in result else "exact_match"
-    return key, result[key]
 
 
 def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
@@ -200,8 +198,8 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
         fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(with_metrics)), 3.8))
         for i, run in enumerate(with_metrics):
             task = run.metrics["task"]
-            key, before = _headline(run.metrics["eval_before"][task])
-            _, after = _headline(run.metrics["eval_after"][task])
+            key, before = headline(run.metrics["eval_before"][task])
+            _, after = headline(run.metrics["eval_after"][task])
             ax.bar([i - 0.2, i + 0.2], [before, after], width=0.38, color=[(0.7, 0.7, 0.7), colours[run.label]])
             ax.text(i + 0.2, after, f"{after:.3f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(with_metrics)), [r.label for r in with_metrics], rotation=15, fontsize=8)
@@ -218,8 +216,8 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
         ratio = last["summary"].get("median_delta_ratio")
         if run.metrics:
             task = run.metrics["task"]
-            key, before = _headline(run.metrics["eval_before"][task])
-            _, after = _headline(run.metrics["eval_after"][task])
+            key, before = headline(run.metrics["eval_before"][task])
+            _, after = headline(run.metrics["eval_after"][task])
             evals, loss = f"{key} {before:.3f} → {after:.3f}", f"{run.metrics['train_loss']:.4f}"
         else:
             task, evals, loss = "?", "(no metrics.json)", "?"
@@ -231,7 +229,5 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
     for name, caption in images:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, report)
+    write_atomic(report, "\n".join(lines))
     return report

@@ -30,6 +30,7 @@ from stablelora.assets.models import resolve_model
 from stablelora.diagnostics.monitor import StabilityMonitor
 from stablelora.assets.tasks import CLASSIFICATION, GENERATION, MULTIPLE_CHOICE, TaskData, load_jsonl_task, load_task
 from stablelora.eval.classification import evaluate_classification
+from stablelora.fileio import write_atomic, write_json
 from stablelora.eval.math import evaluate_math
 from stablelora.eval.multiple_choice import evaluate_causal_mc, evaluate_encoder_mc
 from stablelora.methods import ADAPTER_OPTIONS, check_combination, lora_config_kwargs
@@ -45,18 +46,6 @@ CAUSAL, ENCODER = "causal-lm", "encoder"
 
 class RunError(RuntimeError):
     """A run that cannot start as configured; the message says how to fix it."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
