@@ -102,3 +102,9 @@ def test_stablelora_train_under_torchrun_two_processes(tmp_path):
     assert metrics["train_steps"] == 4
     assert len((run / "monitor.jsonl").read_text().splitlines()) == 2  # written once, by the main process
     assert (run / "checkpoints" / "checkpoint-4" / "optimizer.pt").exists()
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert _cli("train", "configs/minilm_privacyqa.yaml", "--output-dir", str(tmp_path / "new"), "--resume") == 2
+    assert "--resume: no finished checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "config.yaml").exists()  # nothing written for a run that did not start
