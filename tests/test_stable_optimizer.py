@@ -104,6 +104,31 @@ def test_one_step_with_zero_lr_shrinks_exactly_the_shrinking_layers():
     assert all(s.shrinking and s.shrink_steps == 1 for s in opt.stable_lora_status())
 
 
+def test_without_the_stop_rule_every_A_shrinks_at_every_step():
+    """The ablation: layers whose stop rule holds at once (B non-zero) keep shrinking when the rule is off."""
+    steps, ratio = 6, 0.1
+    results = {}
+    for stop_rule in (True, False):
+        model = tiny_peft_model()
+        with torch.no_grad():
+            for pair in find_lora_pairs(model):
+                pair.lora_B.normal_()  # ||B|| large: the stop rule holds at step 1 for every layer
+        before = {p.name: p.lora_A.detach().clone() for p in find_lora_pairs(model)}
+        opt = create_stablelora_optimizer(model, torch.optim.SGD, shrink_ratio=ratio, lr=0.0, stop_rule=stop_rule)
+        for batch in batches(steps):
+            train_step(model, opt, batch)
+        results[stop_rule] = opt.stable_lora_status()
+        for pair in find_lora_pairs(model):
+            expected = before[pair.name].clone()
+            for _ in range(0 if stop_rule else steps):
+                expected.mul_(1 - ratio)
+            assert torch.equal(pair.lora_A, expected), (stop_rule, pair.name)
+    assert all(s.stop_step == 1 for s in results[True])
+    assert all(s.shrinking and s.shrink_steps == steps for s in results[False])
+    with pytest.raises(ValueError, match="stop_rule must be true or false"):
+        create_stablelora_optimizer(tiny_peft_model(), shrink_ratio=0.1, stop_rule="no")
+
+
 def _save(model, opt) -> bytes:
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from stablelora.reporting.stats import paired_difference, select_learning_rate, summarise, t_critical_95
+from stablelora.reporting.stats import paired_difference, select_on_validation, summarise, t_critical_95
 
 
 def test_summary_mean_sample_std_best():
@@ -39,8 +39,10 @@ def test_learning_rate_is_chosen_on_validation_only():
         {"lr": 3e-4, "seed": 0, "validation": 0.66, "test": 0.10},
         {"lr": 3e-4, "seed": 1, "validation": 0.64, "test": 0.12},
     ]
-    assert select_learning_rate(records) == 3e-4  # the test scores point the other way and are ignored
+    assert select_on_validation(records) == 3e-4  # the test scores point the other way and are ignored
     swapped = [{**r, "test": 1 - r["test"]} for r in records]
-    assert select_learning_rate(swapped) == 3e-4
+    assert select_on_validation(swapped) == 3e-4
+    # a loss is chosen low: the same records read as losses pick the other learning rate
+    assert select_on_validation(records, higher_is_better=False) == 1e-4
     with pytest.raises(ValueError, match="chosen on validation only"):
-        select_learning_rate([{"lr": 1e-4, "seed": 0, "test": 0.9}])
+        select_on_validation([{"lr": 1e-4, "seed": 0, "test": 0.9}])

@@ -36,6 +36,36 @@ def _demo(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from stablelora.benchmark.grid import load_compare_config
+    from stablelora.benchmark.runner import load_records, run_grid
+
+    cfg = load_compare_config(args.config, output_dir=args.output_dir)
+    if args.results_only:
+        from stablelora.benchmark.results import write_results
+
+        records = load_records(cfg)
+        if not records:
+            raise ValueError(f"no finished runs under {cfg.records_dir}: run 'stablelora compare {args.config}' first.")
+        write_results(cfg, records)
+        print(f"results: {cfg.output_dir / 'results.md'} ({len(records)} of {cfg.total_runs()} runs)")
+        return 0
+    if args.dry_run:
+        from stablelora.benchmark.grid import plan, setting_label
+
+        records = load_records(cfg)
+        known = plan(cfg, records)
+        for run in known:
+            state = "done" if run.run_id in records else "to run"
+            print(f"{state:7s} {run.method} ({run.role}) {setting_label(run.setting)} seed {run.seed}")
+        later = cfg.total_runs() - len(known)
+        print(f"{len(records)} of {cfg.total_runs()} runs done" +
+              (f"; {later} more are planned once tuning has chosen their settings" if later else ""))
+        return 0
+    run_grid(cfg, time_budget_minutes=args.time_budget)
+    return 0
+
+
 def _theory(args) -> int:
     from pathlib import Path
 
@@ -97,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("runs", nargs="+", help="run directories written by stablelora train")
     report.add_argument("--output", help="output directory (default: RUN/report for one run, ./report otherwise)")
 
+    compare = sub.add_parser("compare", help="benchmark grid: methods x seeds x learning rates, resumable, with "
+                             "results.md/json and plots")
+    compare.add_argument("config", help="compare YAML (see configs/compare/)")
+    compare.add_argument("--output-dir", help="results directory (default: the config's output_dir)")
+    compare.add_argument("--time-budget", type=float, metavar="MINUTES",
+                         help="start no run that would end after this many minutes; run again to continue")
+    compare.add_argument("--dry-run", action="store_true", help="list the runs, done and to do, and exit")
+    compare.add_argument("--results-only", action="store_true", help="rewrite results from the records, run nothing")
+
     theory = sub.add_parser("theory", help="width-scaling check of the Stable-LoRA theory (CPU, a few minutes)")
     theory.add_argument("--widths", default="128,256,512,1024,2048,4096", help="comma-separated widths n")
     theory.add_argument("--steps", type=int, default=300)
@@ -112,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or leftover)}")
     if leftover:
         args.overrides = list(args.overrides) + leftover
+    from stablelora.benchmark.grid import CompareError
     from stablelora.reporting.report import ReportError
     from stablelora.train.config import ConfigError
     from stablelora.train.run import RunError
@@ -130,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo(args)
         if args.command == "theory":
             return _theory(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "report":
             from stablelora.reporting.report import write_report
 
@@ -137,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report written: {write_report(args.runs, output)}")
             return 0
         return _list(args.command)
-    except (ConfigError, RunError, ReportError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CompareError, RunError, ReportError, FileNotFoundError, ValueError) as err:
         # user-facing problems are raised as these, with the fix in the message; STABLELORA_DEBUG=1 shows where
         if os.environ.get("STABLELORA_DEBUG"):
             raise

@@ -27,6 +27,8 @@ class MethodArguments:
     optimizer: str = field(default="adamw", metadata={"help": "optimizer method, see OPTIMIZER_METHODS"})
     adapter: list[str] = field(default_factory=lambda: ["default"], metadata={"help": "adapter options"})
     shrink_ratio: float = field(default=5e-4, metadata={"help": "stable-lora: lambda in A <- (1 - lambda) A"})
+    stop_rule: bool = field(default=True, metadata={
+        "help": "stable-lora: false shrinks A at every step, never stopping (the stop-rule ablation)"})
     loraplus_lr_ratio: float | None = field(
         default=None, metadata={"help": "LoRA+ lr(B)/lr(A); 'lora+' defaults to 16; composes with stable-lora/adamw"})
     weight_decay_A: float = field(default=0.1, metadata={"help": "adamw-wd-a: decoupled weight decay on A only"})
@@ -75,7 +77,8 @@ def _loraplus(model, method, optimizer_cls, kwargs, groups, weight_decay):
 def _stable(model, method, optimizer_cls, kwargs, groups, weight_decay):
     if method.loraplus_lr_ratio is not None:
         groups = _loraplus_groups(model, method, optimizer_cls, kwargs, weight_decay)
-    return create_stablelora_optimizer(model, optimizer_cls, shrink_ratio=method.shrink_ratio, params=groups, **kwargs)
+    return create_stablelora_optimizer(model, optimizer_cls, shrink_ratio=method.shrink_ratio, params=groups,
+                                       stop_rule=method.stop_rule, **kwargs)
 
 
 def _riemannian(model, method, optimizer_cls, kwargs, groups, weight_decay):
@@ -161,6 +164,9 @@ def check_combination(method: MethodArguments) -> None:
             }[method.optimizer]
             raise ValueError(f"method.loraplus_lr_ratio cannot be combined with optimizer "
                              f"'{method.optimizer}': {reason}. Use it with adamw, lora+ or stable-lora.")
+    if not method.stop_rule and method.optimizer != "stable-lora":
+        raise ValueError(f"method.stop_rule=false is the stable-lora stop-rule ablation; optimizer "
+                         f"'{method.optimizer}' does not shrink A. Remove it or use method.optimizer=stable-lora.")
     if method.optimizer == "stable-lora" and any(ADAPTER_OPTIONS[o].nonzero_B for o in options):
         warnings.warn(f"stable-lora with {inits[0]}: B starts non-zero, so the stop rule may hold at step 1 and "
                       "nothing is shrunk (the paper assumes A random, B = 0).", stacklevel=2)

@@ -73,8 +73,9 @@ class _Bucket:
     """The tracked layers that share device, dtype and sharding, with their state gathered into vectors."""
 
     def __init__(self, layer_state: dict[int, dict[str, torch.Tensor]], pairs: list[LoraPair],
-                 keep_factors: list[float], groups: tuple):
+                 keep_factors: list[float], groups: tuple, stop_rule: bool):
         self.pairs = pairs
+        self.stop_rule = stop_rule
         # local shards (the tensors themselves without FSDP2); shapes below are global (DTensor.numel())
         self.lora_A = [local_tensor(p.lora_A) for p in pairs]
         self.lora_B = [local_tensor(p.lora_B) for p in pairs]
@@ -96,6 +97,14 @@ class _Bucket:
         self._copy_done: Any = None
 
     def shrink(self) -> None:
+        if self.stop_rule:
+            self._apply_stop_rule()
+        self.shrink_steps.add_(self.shrinking)
+        factors = torch.where(self.shrinking, self.keep, 1.0)
+        torch._foreach_mul_(self.lora_A, list(factors.unbind(0)))
+        self._post_mask()
+
+    def _apply_stop_rule(self) -> None:
         if self.groups:
             norms = global_norms(self.lora_A + self.lora_B, self.groups)
             norms_a, norms_b = norms[: len(self.lora_A)], norms[len(self.lora_A) :]
@@ -104,10 +113,6 @@ class _Bucket:
             norms_b = torch.stack(torch._foreach_norm(self.lora_B))
         self.shrinking.logical_and_(~(norms_a < self.ratio * norms_b))
         check_replicas(self.shrinking)
-        self.shrink_steps.add_(self.shrinking)
-        factors = torch.where(self.shrinking, self.keep, 1.0)
-        torch._foreach_mul_(self.lora_A, list(factors.unbind(0)))
-        self._post_mask()
 
     def _post_mask(self) -> None:
         """Start copying the mask to the host without blocking (on CPU this is just a read)."""
@@ -139,10 +144,14 @@ class StableLoRAOptimizerMixin:
 
     _base_optimizer_cls: type[Optimizer]
 
-    def __init__(self, params: Any, *, lora_pairs: list[LoraPair], shrink_ratio: float, **kwargs: Any):
+    def __init__(self, params: Any, *, lora_pairs: list[LoraPair], shrink_ratio: float, stop_rule: bool = True,
+                 **kwargs: Any):
         shrink_ratio = _check_shrink_ratio(shrink_ratio, "")
+        if not isinstance(stop_rule, bool):
+            raise ValueError(f"stop_rule must be true or false, got {stop_rule!r}.")
         super().__init__(params, **kwargs)
         self.defaults["shrink_ratio"] = shrink_ratio
+        self.defaults["stop_rule"] = stop_rule
         for i, group in enumerate(self.param_groups):
             group.setdefault("shrink_ratio", shrink_ratio)
             _check_shrink_ratio(group["shrink_ratio"], f" of parameter group {i}")
@@ -192,7 +201,7 @@ class StableLoRAOptimizerMixin:
             by_key.setdefault(key, []).append(pair)
         self._buckets = [
             _Bucket(self._layer_state, pairs, [1.0 - ratios[self._group_of_A[id(p.lora_A)]] for p in pairs],
-                    shard_groups(pairs[0].lora_A))
+                    shard_groups(pairs[0].lora_A), self.defaults["stop_rule"])
             for pairs in by_key.values()
         ]
 
@@ -372,6 +381,7 @@ def create_stablelora_optimizer(
     *,
     shrink_ratio: float,
     params: Iterable[Any] | None = None,
+    stop_rule: bool = True,
     **optimizer_kwargs: Any,
 ) -> Optimizer:
     """Build ``optimizer_cls`` with Stable-LoRA's early shrink of every LoRA A in front of each step.
@@ -384,6 +394,8 @@ def create_stablelora_optimizer(
         params: optional parameter groups built by another recipe (e.g. LoRA+'s
             ``create_loraplus_optimizer(...).param_groups``); by default every trainable parameter of ``model``
             in one group.
+        stop_rule: False shrinks every A at every step and never stops: the paper's ablation, for benchmarks
+            that ask what the stop rule is worth. Keep the default for training.
         **optimizer_kwargs: passed to ``optimizer_cls`` unchanged (lr, weight_decay, betas, ...).
 
     Returns:
@@ -404,4 +416,5 @@ def create_stablelora_optimizer(
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     else:
         groups = _check_groups_belong(model, params)
-    return stable_lora_class(optimizer_cls)(groups, lora_pairs=pairs, shrink_ratio=shrink_ratio, **optimizer_kwargs)
+    return stable_lora_class(optimizer_cls)(groups, lora_pairs=pairs, shrink_ratio=shrink_ratio, stop_rule=stop_rule,
+                                            **optimizer_kwargs)

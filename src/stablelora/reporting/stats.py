@@ -1,4 +1,4 @@
-"""Statistics for comparing methods over seeds: mean ± std, paired differences with t-intervals, and learning-rate
+"""Statistics for comparing methods over seeds: mean ± std, paired differences with t-intervals, and hyper-parameter
 selection that looks at validation scores only.
 
 The paper reports best-of-3 seeds without variance; these are the numbers its reviewers asked for.
@@ -56,15 +56,18 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> P
     return PairedDifference(mean, mean - half, mean + half, len(diffs))
 
 
-def select_learning_rate(records: list[dict], validation_key: str = "validation") -> float:
-    """The learning rate with the best mean validation score. Each record: {"lr", "seed", validation_key, ...};
-    any test score in the records is never read, so it cannot influence the choice."""
-    by_lr: dict[float, list[float]] = defaultdict(list)
+def select_on_validation(records: list[dict], *, key: str = "lr", validation_key: str = "validation",
+                         higher_is_better: bool = True):
+    """The value of ``key`` (a learning rate, or any hashable hyper-parameter setting) with the best mean validation
+    score. Each record: {key, "seed", validation_key, ...}; any test score in the records is never read, so it
+    cannot influence the choice. Ties go to the setting whose first record comes first."""
+    by_setting: dict = defaultdict(list)
     for record in records:
         if record.get(validation_key) is None:
-            raise ValueError(f"record for lr={record.get('lr')} seed={record.get('seed')} has no "
-                             f"'{validation_key}' score: learning rates are chosen on validation only.")
-        by_lr[record["lr"]].append(record[validation_key])
-    if not by_lr:
-        raise ValueError("no runs to choose a learning rate from")
-    return max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr]))
+            raise ValueError(f"record for {key}={record.get(key)} seed={record.get('seed')} has no "
+                             f"'{validation_key}' score: hyper-parameters are chosen on validation only.")
+        by_setting[record[key]].append(record[validation_key])
+    if not by_setting:
+        raise ValueError("no runs to choose a setting from")
+    sign = 1.0 if higher_is_better else -1.0
+    return max(by_setting, key=lambda value: sign * statistics.fmean(by_setting[value]))

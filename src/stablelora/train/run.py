@@ -221,6 +221,25 @@ def stop_summary(optimizer) -> dict | None:
     }
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of tensors in the optimizer's state (moments, preconditioners, Stable-LoRA flags), this process."""
+    total = 0
+    for entry in optimizer.state_dict()["state"].values():
+        total += sum(v.numel() * v.element_size() for v in entry.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def peak_memory() -> dict:
+    """Peak accelerator memory torch allocated since the last reset, or on CPU the process's peak resident set size
+    (which includes loading the model and the evaluation before training)."""
+    if torch.cuda.is_available():
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_memory_kind": "cuda max allocated"}
+    import resource
+
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "process max RSS"}
+
+
 def versions() -> dict:
     import peft
     import transformers
@@ -286,15 +305,19 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
                                           output_dir=run_dir if main_process else None))
     trainer = StableLoRATrainer(model=model, args=cfg.training, train_dataset=ListDataset(train_items),
                                 data_collator=pipeline.collator(), method=cfg.method, callbacks=callbacks)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading or the first evaluation
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - started
+    memory = peak_memory()
     if interrupt.requested:
         raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
 
     eval_after = pipeline.evaluate(model)
     eval_validation = pipeline.evaluate(model, validation=True) if task.validation else None
-    summary = stop_summary(unwrap_optimizer(trainer.optimizer))
+    optimizer = unwrap_optimizer(trainer.optimizer)
+    summary = stop_summary(optimizer)
     if main_process:
         write_json(run_dir / "log_history.json", trainer.state.log_history)
         save_adapter(model, run_dir / "adapter", init_dir)
@@ -315,6 +338,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         "train_wall_seconds": wall,
         "train_tokens": tokens,
         "tokens_per_second": tokens / wall if tokens else None,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        **memory,
         "resumed_from": str(resume_from) if resume_from else None,
         "stable_lora": {k: v for k, v in summary.items() if k != "per_layer"} if summary else None,
     }

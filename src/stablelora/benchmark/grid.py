@@ -1,0 +1,295 @@
+"""What a comparison runs: the compare YAML, checked up front, and the plan of runs it implies.
+
+A compare config names a base run config and, per method, the ``section.key`` values that define the method and the
+values to tune (the learning rate and anything else, e.g. ``method.shrink_ratio`` or ``lora.alpha``). The plan is
+built in stages, because later runs depend on earlier results:
+
+1. tune: every setting (learning rate x tuned values) of a method on ``tune_seeds``;
+2. seeds: the setting with the best *validation* score on the remaining ``seeds``;
+3. variants: named changes of a method (a lambda sweep, the stop-rule ablation) at that method's chosen setting,
+   on every seed.
+The baseline goes first, so a partial grid always has something to compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stablelora.reporting.stats import select_on_validation
+from stablelora.train.config import ConfigError, _load_yaml, load_config
+
+LEARNING_RATE = "training.learning_rate"
+SEED = "training.seed"
+TOP_KEYS = {"base_config", "output_dir", "overrides", "baseline", "learning_rates", "tune_seeds", "seeds", "metric",
+            "higher_is_better", "methods", "variants", "description"}
+
+
+class CompareError(ValueError):
+    """A compare config or results directory that cannot be used as it is; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    settings_fixed: dict[str, Any]  # section.key -> value for every run of the method
+    tuned: dict[str, list]  # section.key -> candidate values, chosen on validation together with the learning rate
+
+    def settings(self) -> list[dict[str, Any]]:
+        keys = list(self.tuned)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.tuned[k] for k in keys))]
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    of: str  # the method whose chosen setting the variant starts from
+    changes: dict[str, Any]
+    group: str
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    run_id: str
+    method: str  # a method or a variant name
+    role: str  # "tune", "seed" or "variant"
+    setting: dict[str, Any]  # the tuned values (learning rate included) this run used
+    seed: int
+    overrides: dict[str, Any]  # every section.key value the run adds to the base config
+
+
+@dataclass
+class CompareConfig:
+    path: Path
+    base_config: Path
+    base_config_sha256: str
+    output_dir: Path
+    overrides: dict[str, Any]
+    baseline: str
+    tune_seeds: list[int]
+    seeds: list[int]
+    metric: str | None  # "EVAL/KEY"; None: the task's headline metric
+    higher_is_better: bool
+    methods: dict[str, MethodSpec]
+    variants: dict[str, VariantSpec] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def records_dir(self) -> Path:
+        return self.output_dir / "records"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.output_dir / "runs"
+
+    def total_runs(self) -> int:
+        extra_seeds = len([s for s in self.seeds if s not in self.tune_seeds])
+        per_method = sum(len(m.settings()) * len(self.tune_seeds) + extra_seeds for m in self.methods.values())
+        return per_method + len(self.variants) * len(self.seeds)
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """'lr=5e-04, shrink_ratio=0.002': short keys, for tables and run names."""
+    parts = []
+    for key, value in setting.items():
+        short = "lr" if key == LEARNING_RATE else key.split(".", 1)[1]
+        parts.append(f"{short}={value:.0e}" if key == LEARNING_RATE else f"{short}={_plain(value)}")
+    return ", ".join(parts)
+
+
+def _plain(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_")
+
+
+def run_id(method: str, setting: dict[str, Any], seed: int) -> str:
+    return f"{_slug(method)}__{_slug(setting_label(setting))}__seed{seed}"
+
+
+def _section_keys(mapping: Any, where: str) -> dict[str, Any]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise CompareError(f"{where} must be a mapping of section.key: value, got {mapping!r}.")
+    for key in mapping:
+        if not isinstance(key, str) or "." not in key:
+            raise CompareError(f"{where}: '{key}' is not of the form section.key (e.g. method.shrink_ratio).")
+        if key in (SEED, "training.output_dir"):
+            raise CompareError(f"{where}: '{key}' is set by the harness (seeds: ..., output_dir: ...); remove it.")
+    return dict(mapping)
+
+
+def _numbers(value: Any, where: str, kind: type) -> list:
+    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                       for v in value):
+        raise CompareError(f"{where} must be a non-empty list of numbers, got {value!r}.")
+    if kind is int and any(not isinstance(v, int) for v in value):
+        raise CompareError(f"{where} must be a list of integers, got {value!r}.")
+    if len(set(value)) != len(value):
+        raise CompareError(f"{where} lists a value twice: {value!r}.")
+    return [kind(v) for v in value]
+
+
+def load_compare_config(path: str | Path, output_dir: str | None = None) -> CompareConfig:
+    """Read and check a compare YAML; every run's config is built once here, so a typo fails now, not hours in."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompareError(f"Compare config '{path}' does not exist. Examples: configs/compare/.")
+    try:
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CompareError(f"Compare config '{path}' is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise CompareError(f"Compare config '{path}' must be a mapping (keys: {', '.join(sorted(TOP_KEYS))}).")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise CompareError(f"{path}: unknown key(s) {unknown}; the keys are {sorted(TOP_KEYS)}.")
+    for key in ("base_config", "methods", "learning_rates", "seeds"):
+        if key not in data:
+            raise CompareError(f"{path}: '{key}' is required.")
+    base = (path.parent / data["base_config"]).resolve()
+    if not base.is_file():
+        raise CompareError(f"{path}: base_config '{data['base_config']}' not found (resolved to {base}); it is read "
+                           "relative to the compare config.")
+    learning_rates = _numbers(data["learning_rates"], f"{path}: learning_rates", float)
+    seeds = _numbers(data["seeds"], f"{path}: seeds", int)
+    tune_seeds = _numbers(data.get("tune_seeds", seeds[:1]), f"{path}: tune_seeds", int)
+    if not set(tune_seeds) <= set(seeds):
+        raise CompareError(f"{path}: tune_seeds {tune_seeds} must be among seeds {seeds}, so tuning runs are reused.")
+    methods_data = data["methods"]
+    if not isinstance(methods_data, dict) or not methods_data:
+        raise CompareError(f"{path}: methods must map names to their settings (see configs/compare/).")
+    methods = {}
+    for name, spec in methods_data.items():
+        spec = spec or {}
+        where = f"{path}: methods.{name}"
+        if not isinstance(spec, dict) or set(spec) - {"set", "tune", "learning_rates"}:
+            raise CompareError(f"{where} may have only 'set', 'tune' and 'learning_rates', got {spec!r}.")
+        tuned = {LEARNING_RATE: _numbers(spec.get("learning_rates", learning_rates), f"{where}.learning_rates",
+                                         float)}
+        for key, values in _section_keys(spec.get("tune"), f"{where}.tune").items():
+            if not isinstance(values, list) or not values:
+                raise CompareError(f"{where}.tune.{key} must be a non-empty list of candidate values.")
+            tuned[key] = values
+        methods[name] = MethodSpec(name, _section_keys(spec.get("set"), f"{where}.set"), tuned)
+    baseline = data.get("baseline", "adamw")
+    if baseline not in methods:
+        raise CompareError(f"{path}: baseline '{baseline}' is not one of the methods {list(methods)}.")
+    methods = {baseline: methods[baseline], **{k: v for k, v in methods.items() if k != baseline}}
+    variants = {}
+    for name, spec in (data.get("variants") or {}).items():
+        where = f"{path}: variants.{name}"
+        if not isinstance(spec, dict) or "of" not in spec or set(spec) - {"of", "set", "group"}:
+            raise CompareError(f"{where} needs 'of' (a method) and 'set', optionally 'group'; got {spec!r}.")
+        if spec["of"] not in methods:
+            raise CompareError(f"{where}.of: '{spec['of']}' is not one of the methods {list(methods)}.")
+        if name in methods:
+            raise CompareError(f"{where}: the name is already a method's.")
+        variants[name] = VariantSpec(name, spec["of"], _section_keys(spec.get("set"), f"{where}.set"),
+                                     str(spec.get("group", "variants")))
+    metric = data.get("metric")
+    if metric is not None and (not isinstance(metric, str) or metric.count("/") != 1):
+        raise CompareError(f"{path}: metric must be 'EVAL/KEY' (e.g. gsm-symbolic/answer_token_loss), got {metric!r}.")
+    higher = data.get("higher_is_better", True)
+    if not isinstance(higher, bool):
+        raise CompareError(f"{path}: higher_is_better must be true or false.")
+    out = output_dir or data.get("output_dir")
+    if not out:
+        raise CompareError(f"{path}: set output_dir (or pass --output-dir).")
+    cfg = CompareConfig(
+        path=path, base_config=base, base_config_sha256=hashlib.sha256(base.read_bytes()).hexdigest(),
+        output_dir=Path(out), overrides=_section_keys(data.get("overrides"), f"{path}: overrides"),
+        baseline=baseline, tune_seeds=tune_seeds, seeds=seeds, metric=metric, higher_is_better=higher,
+        methods=methods, variants=variants, description=str(data.get("description", "")).strip())
+    _check_runs_build(cfg)
+    return cfg
+
+
+def _check_runs_build(cfg: CompareConfig) -> None:
+    """Build the run config of every method setting and variant, so bad keys or values fail before any run."""
+    tunes = any(len(m.settings()) > 1 for m in cfg.methods.values())
+    for method in cfg.methods.values():
+        for setting in method.settings():
+            run_cfg = _build(cfg, method.name, overrides_for(cfg, method, setting, cfg.seeds[0]))
+            if tunes and not run_cfg.data.validation_size:
+                raise CompareError(f"{cfg.path}: settings are chosen on a validation split, but data.validation_size "
+                                   "is 0. Set overrides: {data.validation_size: N} (examples held out of train).")
+    for variant in cfg.variants.values():
+        method = cfg.methods[variant.of]
+        _build(cfg, variant.name, {**overrides_for(cfg, method, method.settings()[0], cfg.seeds[0]),
+                                   **variant.changes})
+
+
+def _build(cfg: CompareConfig, name: str, overrides: dict[str, Any]):
+    try:
+        return load_config_with(cfg.base_config, overrides)
+    except ConfigError as err:
+        raise CompareError(f"{cfg.path}: the runs of '{name}' would not start: {err}") from err
+
+
+def merged_config(base_config: Path, overrides: dict[str, Any]) -> dict:
+    """The base YAML with ``section.key`` overrides applied: what one run of the grid trains with."""
+    data = _load_yaml(base_config.read_text(encoding="utf-8")) or {}
+    data = {section: dict(values or {}) for section, values in data.items()}
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = value
+    return data
+
+
+def load_config_with(base_config: Path, overrides: dict[str, Any]):
+    data = merged_config(base_config, overrides)
+    return load_config(None, [], base=data)
+
+
+def overrides_for(cfg: CompareConfig, method: MethodSpec, setting: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {**cfg.overrides, **method.settings_fixed, **setting, SEED: seed}
+
+
+def chosen_setting(cfg: CompareConfig, method: MethodSpec, records: dict[str, dict]) -> dict[str, Any] | None:
+    """The setting with the best mean validation score over the tune seeds; None until all its tuning runs exist."""
+    settings = method.settings()
+    tuning = [records.get(run_id(method.name, s, seed)) for s in settings for seed in cfg.tune_seeds]
+    if any(r is None for r in tuning):
+        return None
+    if len(settings) == 1:
+        return settings[0]
+    labels = {setting_label(s): s for s in settings}
+    rows = [{"setting": r["setting_label"], "seed": r["seed"], "validation": r["validation"]} for r in tuning]
+    return labels[select_on_validation(rows, key="setting", higher_is_better=cfg.higher_is_better)]
+
+
+def plan(cfg: CompareConfig, records: dict[str, dict]) -> list[PlannedRun]:
+    """Every run that can be named given the records so far, in execution order (finished ones included)."""
+    runs: list[PlannedRun] = []
+    chosen: dict[str, dict] = {}
+    for method in cfg.methods.values():
+        for setting in method.settings():
+            for seed in cfg.tune_seeds:
+                runs.append(PlannedRun(run_id(method.name, setting, seed), method.name, "tune", setting, seed,
+                                       overrides_for(cfg, method, setting, seed)))
+        best = chosen_setting(cfg, method, records)
+        if best is None:
+            continue
+        chosen[method.name] = best
+        for seed in cfg.seeds:
+            if seed not in cfg.tune_seeds:
+                runs.append(PlannedRun(run_id(method.name, best, seed), method.name, "seed", best, seed,
+                                       overrides_for(cfg, method, best, seed)))
+    for variant in cfg.variants.values():
+        if variant.of not in chosen:
+            continue
+        best = chosen[variant.of]
+        for seed in cfg.seeds:
+            overrides = {**overrides_for(cfg, cfg.methods[variant.of], best, seed), **variant.changes}
+            runs.append(PlannedRun(run_id(variant.name, best, seed), variant.name, "variant", best, seed, overrides))
+    return runs

@@ -1,0 +1,308 @@
+"""From run records to the comparison: results.json (every figure), results.md (tables), plots/.
+
+Protocol, per method: the setting (learning rate and any tuned values) with the best mean *validation* score on the
+tune seeds is chosen; the test metric at that setting is reported as mean ± sample std over the seeds, next to the
+best seed (the paper's protocol), and as a paired difference against the baseline with a 95 % t-interval. Costs are
+means over the same runs, divided by the baseline's. Variants are reported at their method's chosen setting.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from stablelora.benchmark.grid import CompareConfig, chosen_setting, setting_label
+from stablelora.fileio import write_atomic, write_json
+from stablelora.reporting.stats import paired_difference, summarise
+
+COSTS = ("train_wall_seconds", "tokens_per_second", "peak_memory_bytes", "optimizer_state_bytes")
+
+
+def _final_records(cfg: CompareConfig, records: dict[str, dict], name: str, label: str) -> list[dict]:
+    return sorted((r for r in records.values() if r["method"] == name and r["setting_label"] == label
+                   and r["seed"] in cfg.seeds), key=lambda r: r["seed"])
+
+
+def _summary(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    s = summarise(values)
+    return {"mean": s.mean, "std": s.std, "max": s.best, "min": min(values), "n": s.n}
+
+
+def _stop_statistics(runs: list[dict]) -> dict | None:
+    by_module: dict[str, list] = {}
+    for run in runs:
+        for module, steps in ((run.get("stable_lora") or {}).get("stop_steps_by_module") or {}).items():
+            by_module.setdefault(module, []).extend(steps)
+    if not by_module:
+        return None
+    out = {}
+    for module, steps in {**by_module, "all": [s for v in by_module.values() for s in v]}.items():
+        stopped = [s for s in steps if s is not None]
+        out[module] = {"layer_runs": len(steps), "never_stopped_fraction": 1 - len(stopped) / len(steps),
+                       "median_stop_step": statistics.median(stopped) if stopped else None,
+                       "min_stop_step": min(stopped, default=None), "max_stop_step": max(stopped, default=None)}
+    return out
+
+
+def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> dict:
+    tests = {r["seed"]: r["test"] for r in runs}
+    entry = {"seeds": tests, "test": _summary(list(tests.values())), "paired_vs_baseline": None,
+             "cost": {}, "cost_vs_baseline": {}, "stable_lora": _stop_statistics(runs), "other_metrics": {}}
+    base_tests = {seed: r["test"] for seed, r in baseline.items()}
+    if runs and runs[0]["method"] != cfg.baseline and len(set(tests) & set(base_tests)) >= 2:
+        diff = paired_difference(tests, base_tests)
+        sign = 1 if cfg.higher_is_better else -1  # report "better than baseline" as positive either way
+        low, high = sorted((sign * diff.low, sign * diff.high))
+        entry["paired_vs_baseline"] = {"mean": sign * diff.mean, "low": low, "high": high, "n": diff.n,
+                                       "positive_means": "better than the baseline"}
+    for key in COSTS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        base_values = [r[key] for r in baseline.values() if r.get(key) is not None]
+        if values:
+            entry["cost"][key] = statistics.fmean(values)
+            if base_values and statistics.fmean(base_values):
+                entry["cost_vs_baseline"][key] = entry["cost"][key] / statistics.fmean(base_values)
+    # every other numeric test metric (e.g. the ASDiv eval, answer-token loss), except the primary and counts
+    others = {(e, k) for r in runs for e, m in r["eval_after"].items() for k in m
+              if f"{e}/{k}" != r["metric"] and k not in ("examples", "chance")}
+    for eval_name, key in sorted(others):
+        name = f"{eval_name}/{key}"
+        values = [r["eval_after"][eval_name][key] for r in runs if key in r["eval_after"].get(eval_name, {})]
+        entry["other_metrics"][name] = _summary(values)
+    return entry
+
+
+def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
+    methods, chosen = {}, {}
+    for method in cfg.methods.values():
+        best = chosen_setting(cfg, method, records)
+        chosen[method.name] = best
+    base_label = setting_label(chosen[cfg.baseline]) if chosen[cfg.baseline] else None
+    baseline = {r["seed"]: r for r in _final_records(cfg, records, cfg.baseline, base_label)} if base_label else {}
+    for method in cfg.methods.values():
+        tuning = []
+        for setting in method.settings():
+            label = setting_label(setting)
+            values = [r["validation"] for r in records.values() if r["method"] == method.name
+                      and r["setting_label"] == label and r["seed"] in cfg.tune_seeds and r["validation"] is not None]
+            tuning.append({"setting": label, "validation_mean": statistics.fmean(values) if values else None,
+                           "n": len(values)})
+        label = setting_label(chosen[method.name]) if chosen[method.name] else None
+        runs = _final_records(cfg, records, method.name, label) if label else []
+        methods[method.name] = {"fixed": method.settings_fixed, "tuning": tuning, "chosen": label,
+                                **_entry(cfg, runs, baseline)}
+    variants = {}
+    for variant in cfg.variants.values():
+        label = setting_label(chosen[variant.of]) if chosen[variant.of] else None
+        runs = _final_records(cfg, records, variant.name, label) if label else []
+        variants[variant.name] = {"of": variant.of, "group": variant.group, "changes": variant.changes,
+                                  "setting": label, **_entry(cfg, runs, baseline)}
+    any_record = next(iter(records.values()), {})
+    return {
+        "config": str(cfg.path), "description": cfg.description, "base_config": str(cfg.base_config),
+        "done": len(records), "total": cfg.total_runs(), "complete": len(records) >= cfg.total_runs(),
+        "metric": any_record.get("metric", cfg.metric), "higher_is_better": cfg.higher_is_better,
+        "baseline": cfg.baseline, "seeds": cfg.seeds, "tune_seeds": cfg.tune_seeds,
+        "split": any_record.get("split"), "model": any_record.get("model"),
+        "eval_before": any_record.get("eval_before"), "versions": any_record.get("versions"),
+        "machine": any_record.get("machine"), "peak_memory_kind": any_record.get("peak_memory_kind"),
+        "methods": methods, "variants": variants,
+    }
+
+
+def _pm(summary: dict | None) -> str:
+    return f"{summary['mean']:.4f} ± {summary['std']:.4f} (n={summary['n']})" if summary else "–"
+
+
+def _ratio(entry: dict, key: str) -> str:
+    ratio = entry["cost_vs_baseline"].get(key)
+    return f"{ratio:.3f}×" if ratio is not None else "–"
+
+
+def _delta(entry: dict) -> str:
+    d = entry["paired_vs_baseline"]
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "–"
+
+
+def _best(result: dict, summary: dict | None) -> str:
+    """The best seed's score: the paper's best-of-seeds protocol."""
+    if not summary:
+        return "–"
+    return f"{summary['max' if result['higher_is_better'] else 'min']:.4f}"
+
+
+def to_markdown(result: dict, command: str) -> str:
+    lines = [f"# Comparison: {Path(result['config']).stem}", ""]
+    if result["description"]:
+        lines += [result["description"], ""]
+    status = "complete" if result["complete"] else "INCOMPLETE (run the command again to continue)"
+    direction = "higher is better" if result["higher_is_better"] else "lower is better"
+    lines += [
+        f"Command: `{command}`", "",
+        f"Status: {status}: {result['done']} of {result['total']} runs.", "",
+        f"- Model: {result['model']}. Metric: `{result['metric']}` on the test split ({direction}).",
+        f"- Split: {result['split']}",
+        f"- Protocol: each method's setting is chosen by mean validation score over tune seeds "
+        f"{result['tune_seeds']} (the test split is never read for this); the test metric is then reported over "
+        f"seeds {result['seeds']} at that setting. Δ is the paired difference against `{result['baseline']}` "
+        "(same seeds), with a 95 % t-interval; positive means better than the baseline.",
+        f"- Versions: {result['versions']}. Machine: {result['machine']}.", "",
+        f"## Test {result['metric']} at the setting chosen on validation", "",
+        "| method | chosen setting | test mean ± std | best of seeds | Δ vs baseline [95 % CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in result["methods"].items():
+        lines.append(f"| {name} | {m['chosen'] or 'tuning'} | {_pm(m['test'])} | {_best(result, m['test'])} "
+                     f"| {_delta(m)} |")
+    before = result.get("eval_before") or {}
+    metric_eval, metric_key = result["metric"].split("/") if result["metric"] else (None, None)
+    if metric_eval in before and metric_key in before[metric_eval]:
+        lines += ["", f"Before training (B = 0, the base model): {before[metric_eval][metric_key]:.4f}."]
+    groups: dict[str, list] = {}
+    for name, v in result["variants"].items():
+        groups.setdefault(v["group"], []).append((name, v))
+    for group, variants in groups.items():
+        lines += ["", f"## {group}", "",
+                  "Each variant runs at the learning rate (and tuned values) chosen for its method, on every seed.", "",
+                  "| variant | of | changes | setting | test mean ± std | best of seeds | Δ vs baseline [95 % CI] |",
+                  "|---|---|---|---|---|---|---|"]
+        shown = set()
+        for name, v in variants:
+            if v["of"] not in shown:
+                shown.add(v["of"])
+                m = result["methods"][v["of"]]
+                lines.append(f"| {v['of']} (the method itself) | | {m['fixed']} | {m['chosen']} | {_pm(m['test'])} "
+                             f"| {_best(result, m['test'])} | {_delta(m)} |")
+            lines.append(f"| {name} | {v['of']} | {v['changes']} | {v['setting'] or 'waiting'} | {_pm(v['test'])} "
+                         f"| {_best(result, v['test'])} | {_delta(v)} |")
+    everything = {**result["methods"], **result["variants"]}
+    lines += ["", f"## Cost relative to `{result['baseline']}` (means over the same runs)", "",
+              "| method | train wall s | × | tokens/s | × | peak memory MiB | × | optimizer state MiB | × |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in everything.items():
+        c = m["cost"]
+        if not c:
+            continue
+        cells = [f"{c.get('train_wall_seconds', 0):.1f}", _ratio(m, "train_wall_seconds"),
+                 f"{c.get('tokens_per_second', 0):.1f}", _ratio(m, "tokens_per_second"),
+                 f"{c.get('peak_memory_bytes', 0) / 2**20:.0f}", _ratio(m, "peak_memory_bytes"),
+                 f"{c.get('optimizer_state_bytes', 0) / 2**20:.3f}", _ratio(m, "optimizer_state_bytes")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Peak memory: {result['peak_memory_kind']}. On CPU that is the whole process (model, data and the "
+              "evaluation before training included), so optimizer state is a small part of it."]
+    stops = [(n, m["stable_lora"]) for n, m in everything.items() if m["stable_lora"]]
+    if stops:
+        lines += ["", "## Stable-LoRA: steps to stop, per module type (layers × seeds pooled)", "",
+                  "| method | module | layer-runs | median stop step | range | never stopped |", "|---|---|---|---|---|---|"]
+        for name, per_module in stops:
+            for module, s in per_module.items():
+                span = f"{s['min_stop_step']}–{s['max_stop_step']}" if s["median_stop_step"] is not None else "–"
+                median = s["median_stop_step"] if s["median_stop_step"] is not None else "–"
+                lines.append(f"| {name} | {module} | {s['layer_runs']} | {median} | {span} | "
+                             f"{s['never_stopped_fraction']:.0%} |")
+    lines += ["", "## Tuning on validation", "", "| method | setting | validation mean (n) | chosen |", "|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        for t in m["tuning"]:
+            value = f"{t['validation_mean']:.4f} ({t['n']})" if t["validation_mean"] is not None else "–"
+            lines.append(f"| {name} | {t['setting']} | {value} | {'✓' if t['setting'] == m['chosen'] else ''} |")
+    other = sorted({k for m in everything.values() for k in m["other_metrics"]})
+    if other:
+        lines += ["", "## Other test metrics (mean ± std over the same runs)", "",
+                  "| method | " + " | ".join(other) + " |", "|---|" + "---|" * len(other)]
+        for name, m in everything.items():
+            if m["test"]:
+                lines.append(f"| {name} | " + " | ".join(_pm(m["other_metrics"].get(k)) for k in other) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in result.get("plots", [])]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def plot(result: dict, records: dict[str, dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    everything = {n: m for n, m in {**result["methods"], **result["variants"]}.items() if m["test"]}
+    if everything:
+        names = list(everything)
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4))
+        for i, name in enumerate(names):
+            m = everything[name]
+            ax.errorbar(i, m["test"]["mean"], yerr=m["test"]["std"], fmt="o", color="C0", capsize=4)
+            ax.scatter([i] * len(m["seeds"]), list(m["seeds"].values()), color="C1", s=12, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_ylabel(result["metric"])
+        ax.set_title("test metric: mean ± std (blue), seeds (orange)")
+        fig.tight_layout()
+        fig.savefig(out / "test_scores.png", dpi=110)
+        plt.close(fig)
+        written.append("test_scores.png")
+    diffs = {n: m["paired_vs_baseline"] for n, m in {**result["methods"], **result["variants"]}.items()
+             if m["paired_vs_baseline"]}
+    if diffs:
+        names = list(diffs)
+        fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.5))
+        for i, name in enumerate(names):
+            d = diffs[name]
+            ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel(f"paired Δ vs {result['baseline']} (positive = better), 95 % CI")
+        fig.tight_layout()
+        fig.savefig(out / "paired_difference.png", dpi=110)
+        plt.close(fig)
+        written.append("paired_difference.png")
+    lr_curves = {}
+    for r in records.values():
+        if r["role"] == "tune" and r["validation"] is not None:
+            others = {k: v for k, v in r["setting"].items() if k != "training.learning_rate"}
+            label = r["method"] + (f" {setting_label(others)}" if others else "")
+            lr_curves.setdefault(label, {}).setdefault(r["setting"]["training.learning_rate"], []).append(
+                r["validation"])
+    if any(len(points) > 1 for points in lr_curves.values()):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, points in sorted(lr_curves.items()):
+            lrs = sorted(points)
+            ax.plot(lrs, [statistics.fmean(points[lr]) for lr in lrs], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"validation {result['metric']}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "tuning.png", dpi=110)
+        plt.close(fig)
+        written.append("tuning.png")
+    stop_runs: dict[str, dict[str, list]] = {}
+    for name, m in {**result["methods"], **result["variants"]}.items():
+        label = m.get("chosen") or m.get("setting")
+        for r in records.values():
+            if r["method"] == name and r["setting_label"] == label and r.get("stable_lora"):
+                for module, steps in r["stable_lora"]["stop_steps_by_module"].items():
+                    stop_runs.setdefault(name, {}).setdefault(module, []).extend(s for s in steps if s is not None)
+    stop_runs = {n: {k: v for k, v in mods.items() if v} for n, mods in stop_runs.items()}
+    stop_runs = {n: mods for n, mods in stop_runs.items() if mods}
+    if stop_runs:
+        fig, axes = plt.subplots(1, len(stop_runs), figsize=(4 * len(stop_runs), 3.5), squeeze=False)
+        for ax, (name, modules) in zip(axes[0], stop_runs.items()):
+            ax.boxplot(list(modules.values()), tick_labels=list(modules))
+            ax.set_title(name, fontsize=9)
+            ax.set_ylabel("stop step (stopped layers)")
+            ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        fig.savefig(out / "stop_steps.png", dpi=110)
+        plt.close(fig)
+        written.append("stop_steps.png")
+    return written
+
+
+def write_results(cfg: CompareConfig, records: dict[str, dict]) -> dict:
+    result = aggregate(cfg, records)
+    result["plots"] = plot(result, records, cfg.output_dir / "plots")
+    command = f"stablelora compare {cfg.path}"
+    write_json(cfg.output_dir / "results.json", result)
+    write_atomic(cfg.output_dir / "results.md", to_markdown(result, command))
+    return result
