@@ -55,6 +55,7 @@ def test_adapter_options_map_to_lora_config():
     (dict(optimizer="riemannian", loraplus_lr_ratio=4.0), "builds its own single parameter group"),
     (dict(optimizer="lora-rite", loraplus_lr_ratio=4.0), "breaks that"),
     (dict(optimizer="adamw", loraplus_lr_ratio=-1.0), "must be > 0"),
+    (dict(optimizer="lora+", stop_rule=False), "stop-rule ablation"),
 ])
 def test_impossible_combinations_are_refused_with_a_reason(method, message):
     with pytest.raises(ValueError, match=message):

@@ -27,7 +27,7 @@ from stablelora.train.config import ConfigError, _load_yaml, load_config
 
 LEARNING_RATE = "training.learning_rate"
 SEED = "training.seed"
-TOP_KEYS = {"base_config", "output_dir", "overrides", "baseline", "learning_rates", "tune_seeds", "seeds", "metric",
+TOP_KEYS = {"extends", "base_config", "output_dir", "overrides", "baseline", "learning_rates", "tune_seeds", "seeds", "metric",
             "higher_is_better", "methods", "variants", "description"}
 
 
@@ -139,11 +139,13 @@ def _numbers(value: Any, where: str, kind: type) -> list:
     return [kind(v) for v in value]
 
 
-def load_compare_config(path: str | Path, output_dir: str | None = None) -> CompareConfig:
-    """Read and check a compare YAML; every run's config is built once here, so a typo fails now, not hours in."""
-    path = Path(path)
+def _read_compare_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML of a compare config with ``extends`` resolved: the parent's keys, then this file's on top
+    (``overrides`` merged key by key). Paths are resolved against the file that names them."""
     if not path.is_file():
         raise CompareError(f"Compare config '{path}' does not exist. Examples: configs/compare/.")
+    if path.resolve() in chain:
+        raise CompareError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))}).")
     try:
         data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -153,13 +155,28 @@ def load_compare_config(path: str | Path, output_dir: str | None = None) -> Comp
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise CompareError(f"{path}: unknown key(s) {unknown}; the keys are {sorted(TOP_KEYS)}.")
+    if "base_config" in data:
+        data["base_config"] = str((path.parent / data["base_config"]).resolve())
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    parent = _read_compare_yaml((path.parent / parent_name).resolve(), (*chain, path.resolve()))
+    merged = {**parent, **data}
+    merged["overrides"] = {**(parent.get("overrides") or {}), **(data.get("overrides") or {})}
+    return merged
+
+
+def load_compare_config(path: str | Path, output_dir: str | None = None) -> CompareConfig:
+    """Read and check a compare YAML; every run's config is built once here, so a typo fails now, not hours in."""
+    path = Path(path)
+    data = _read_compare_yaml(path)
     for key in ("base_config", "methods", "learning_rates", "seeds"):
         if key not in data:
             raise CompareError(f"{path}: '{key}' is required.")
-    base = (path.parent / data["base_config"]).resolve()
+    base = Path(data["base_config"])
     if not base.is_file():
-        raise CompareError(f"{path}: base_config '{data['base_config']}' not found (resolved to {base}); it is read "
-                           "relative to the compare config.")
+        raise CompareError(f"{path}: base_config not found: {base} (a path relative to the compare config that "
+                           "names it).")
     learning_rates = _numbers(data["learning_rates"], f"{path}: learning_rates", float)
     seeds = _numbers(data["seeds"], f"{path}: seeds", int)
     tune_seeds = _numbers(data.get("tune_seeds", seeds[:1]), f"{path}: tune_seeds", int)

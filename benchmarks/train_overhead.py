@@ -1,0 +1,108 @@
+"""End-to-end training overhead of Stable-LoRA against plain AdamW LoRA on a real model, in the same process.
+
+Two identical SmolLM2-135M-Instruct LoRA models (same seed, same init) train on the same PIQA batches, one with
+`adamw` and one with `stable-lora`. Their full training steps (forward, backward, optimizer step) alternate, the
+order swapped every step, so a change of machine load hits both alike. Reports the median per-step time ratio
+(stable-lora / adamw), the total time ratio, how many layers were still shrinking at the end, and the optimizer-state
+bytes of both (the only place the method could add memory).
+
+    python benchmarks/train_overhead.py [--steps 40] [--targets q_proj,v_proj] [--shrink-ratio 0.0005] [--out FILE]
+
+The paper reports +0.6 % time and no extra memory on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from stablelora.assets.models import resolve_model
+from stablelora.methods import MethodArguments, build_optimizer
+from stablelora.train.config import load_config
+from stablelora.train.run import CAUSAL, TaskPipeline, build_peft_model, load_task_data, optimizer_state_bytes
+
+
+def build(method: str, pipeline, model_dir, items, shrink_ratio: float, lr: float):
+    torch.manual_seed(0)
+    model = build_peft_model(pipeline, model_dir, items)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, MethodArguments(optimizer=method, shrink_ratio=shrink_ratio),
+                                torch.optim.AdamW, {"lr": lr, "weight_decay": 0.01}, [{"params": params}], 0.01)
+    return model, optimizer
+
+
+def timed_step(model, optimizer, batch) -> float:
+    started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    optimizer.step()
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> None:
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, caches)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,v_proj")
+    parser.add_argument("--shrink-ratio", type=float, default=0.0005)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config("configs/smollm2_openbookqa.yaml",
+                          ["data.dataset=piqa", "data.eval_size=10", f"lora.target_modules=[{args.targets}]"],
+                          output_dir=tmp)
+    model_dir = resolve_model(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    task = load_task_data(cfg)
+    pipeline = TaskPipeline(cfg, task, CAUSAL, tokenizer)
+    needed = (args.steps + args.warmup) * args.batch_size
+    items = pipeline.train_items(task.train[:needed])
+    collate = pipeline.collator()
+    batches = [collate(items[i : i + args.batch_size]) for i in range(0, needed, args.batch_size)]
+    runs = {m: build(m, pipeline, model_dir, items, args.shrink_ratio, args.lr) for m in ("adamw", "stable-lora")}
+    times: dict[str, list[float]] = {m: [] for m in runs}
+    for i, batch in enumerate(batches):
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        for method in order:
+            elapsed = timed_step(*runs[method], batch)
+            if i >= args.warmup:
+                times[method].append(elapsed)
+    ratios = [s / a for s, a in zip(times["stable-lora"], times["adamw"])]
+    status = runs["stable-lora"][1].stable_lora_status()
+    shrinking = sum(s.shrinking for s in status)
+    state = {m: optimizer_state_bytes(opt) for m, (_, opt) in runs.items()}
+    report = "\n".join([
+        f"SmolLM2-135M-Instruct, LoRA r={cfg.lora.r} on {args.targets} ({len(status)} layers), batch "
+        f"{args.batch_size}, PIQA, lambda={args.shrink_ratio}, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"interleaved:",
+        f"- median step: adamw {statistics.median(times['adamw']):.3f} s, stable-lora "
+        f"{statistics.median(times['stable-lora']):.3f} s",
+        f"- median per-step ratio stable-lora/adamw = {statistics.median(ratios):.4f}x; total-time ratio = "
+        f"{sum(times['stable-lora']) / sum(times['adamw']):.4f}x",
+        f"- layers still shrinking at the end: {shrinking} of {len(status)}",
+        f"- optimizer state: adamw {state['adamw']:,} B, stable-lora {state['stable-lora']:,} B "
+        f"(+{state['stable-lora'] - state['adamw']:,} B = {(state['stable-lora'] - state['adamw']) / len(status):.0f} "
+        "B per layer)",
+    ])
+    print(report)
+    if args.out:
+        command = "python benchmarks/train_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.out, "a") as f:
+            f.write(f"\n## {time.strftime('%Y-%m-%d')} - {platform.machine()}, {torch.get_num_threads()} threads\n\n"
+                    f"Command: `{command.strip()}`  \nVersions: torch {torch.__version__}\n\n{report}\n")
+
+
+if __name__ == "__main__":
+    main()

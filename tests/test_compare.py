@@ -1,0 +1,279 @@
+"""The benchmark harness: config checks, aggregation maths on hand-made records, and a real 2x2 grid on a tiny
+model that is killed mid-run and resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stablelora.benchmark.grid import CompareError, load_compare_config, plan, run_id, setting_label
+from stablelora.benchmark.results import aggregate, to_markdown
+from stablelora.benchmark.runner import load_records, run_grid
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {
+    "model": {"name_or_path": "smollm2-135m-instruct"},
+    "data": {"dataset": "piqa", "eval_size": 8, "validation_size": 8},
+    "method": {"optimizer": "adamw"},
+    "training": {"max_steps": 2, "use_cpu": True},
+}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _compare(tmp_path: Path, **changes) -> Path:
+    _write(tmp_path / "base.yaml", BASE)
+    data = {
+        "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-4, 1e-3],
+        "tune_seeds": [0], "seeds": [0, 1, 2],
+        "methods": {"adamw": {"set": {"method.optimizer": "adamw"}},
+                    "stable-lora": {"set": {"method.optimizer": "stable-lora", "method.shrink_ratio": 0.002}}},
+        "variants": {"no stop rule": {"of": "stable-lora", "set": {"method.stop_rule": False}, "group": "ablation"}},
+    }
+    data.update(changes)
+    return _write(tmp_path / "compare.yaml", data)
+
+
+def _record(cfg, method: str, lr: float, seed: int, validation: float, test: float, role: str = "tune",
+            wall: float = 10.0, stops: dict | None = None) -> dict:
+    setting = {"training.learning_rate": lr}
+    planned = {r.run_id: r for r in plan(cfg, {})}
+    rid = run_id(method, setting, seed)
+    overrides = planned[rid].overrides if rid in planned else {}
+    return {"run_id": rid, "method": method, "role": role, "seed": seed, "setting": setting,
+            "setting_label": setting_label(setting), "metric": "piqa/accuracy", "validation": validation,
+            "test": test, "eval_after": {"piqa": {"accuracy": test, "examples": 8, "loss_like": 2 * test}},
+            "eval_validation": {}, "eval_before": {"piqa": {"accuracy": 0.5}}, "train_loss": 1.0, "train_steps": 2,
+            "train_wall_seconds": wall, "run_seconds": wall + 5, "train_tokens": 100, "tokens_per_second": 100 / wall,
+            "peak_memory_bytes": 2**30, "peak_memory_kind": "process max RSS", "optimizer_state_bytes": 1000,
+            "stable_lora": stops, "split": "test split", "model": "m", "overrides": overrides,
+            "base_config_sha256": cfg.base_config_sha256, "versions": {}, "machine": {}}
+
+
+def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path))
+    assert cfg.total_runs() == 2 * (2 + 2) + 3  # 2 methods x (2 lrs + 2 more seeds) + 1 variant x 3 seeds
+    first = plan(cfg, {})
+    assert [(r.method, r.role) for r in first] == [("adamw", "tune")] * 2 + [("stable-lora", "tune")] * 2
+    records = {}
+    # lr 1e-4 wins on validation for adamw, though its test score is worse: the test score must not matter
+    for lr, val, test in ((1e-4, 0.70, 0.10), (1e-3, 0.60, 0.99)):
+        r = _record(cfg, "adamw", lr, 0, val, test)
+        records[r["run_id"]] = r
+    runs = plan(cfg, records)
+    seeds = [r for r in runs if r.method == "adamw" and r.role == "seed"]
+    assert [(r.setting["training.learning_rate"], r.seed) for r in seeds] == [(1e-4, 1), (1e-4, 2)]
+    assert seeds[0].overrides["training.seed"] == 1 and seeds[0].overrides["training.learning_rate"] == 1e-4
+    assert not [r for r in runs if r.role == "variant"]  # stable-lora has not been tuned yet
+    for lr, val in ((1e-4, 0.5), (1e-3, 0.8)):
+        r = _record(cfg, "stable-lora", lr, 0, val, 0.5)
+        records[r["run_id"]] = r
+    variant = [r for r in plan(cfg, records) if r.role == "variant"]
+    assert len(variant) == 3 and all(r.overrides["method.stop_rule"] is False for r in variant)
+    assert all(r.overrides["training.learning_rate"] == 1e-3 for r in variant)
+
+
+def test_aggregation_maths_on_hand_made_records(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path))
+    stops = {"layers": 2, "stopped": 1, "stop_steps_by_module": {"q_proj": [4], "v_proj": [None]}}
+    rows = [("adamw", 1e-4, 0, 0.70, 0.60), ("adamw", 1e-3, 0, 0.60, 0.99), ("adamw", 1e-4, 1, None, 0.62),
+            ("adamw", 1e-4, 2, None, 0.58),
+            ("stable-lora", 1e-4, 0, 0.50, 0.90), ("stable-lora", 1e-3, 0, 0.80, 0.63),
+            ("stable-lora", 1e-3, 1, None, 0.66), ("stable-lora", 1e-3, 2, None, 0.60)]
+    records = {}
+    for method, lr, seed, val, test in rows:
+        r = _record(cfg, method, lr, seed, val, test, role="tune" if val is not None else "seed",
+                    wall=12.0 if method == "stable-lora" else 10.0, stops=stops if method == "stable-lora" else None)
+        records[r["run_id"]] = r
+    result = aggregate(cfg, records)
+    adamw, stable = result["methods"]["adamw"], result["methods"]["stable-lora"]
+    assert adamw["chosen"] == "lr=1e-04" and stable["chosen"] == "lr=1e-03"
+    assert adamw["test"]["mean"] == pytest.approx(0.60) and adamw["test"]["std"] == pytest.approx(0.02)
+    assert stable["test"]["mean"] == pytest.approx(0.63) and stable["test"]["max"] == pytest.approx(0.66)
+    # paired differences 0.03, 0.04, 0.02: mean 0.03, sd 0.01, t(2) = 4.303
+    half = 4.303 * 0.01 / math.sqrt(3)
+    diff = stable["paired_vs_baseline"]
+    assert diff["mean"] == pytest.approx(0.03) and diff["low"] == pytest.approx(0.03 - half)
+    assert diff["high"] == pytest.approx(0.03 + half) and diff["n"] == 3
+    assert adamw["paired_vs_baseline"] is None
+    assert stable["cost_vs_baseline"]["train_wall_seconds"] == pytest.approx(1.2)
+    assert stable["cost_vs_baseline"]["optimizer_state_bytes"] == pytest.approx(1.0)
+    assert stable["stable_lora"]["q_proj"]["median_stop_step"] == 4
+    assert stable["stable_lora"]["v_proj"]["never_stopped_fraction"] == 1.0
+    assert stable["stable_lora"]["all"]["never_stopped_fraction"] == pytest.approx(0.5)
+    assert stable["other_metrics"]["piqa/loss_like"]["mean"] == pytest.approx(1.26)
+    assert not result["complete"] and result["done"] == 8 and result["total"] == 11
+    text = to_markdown(result, "stablelora compare compare.yaml")
+    assert "| stable-lora | lr=1e-03 | 0.6300 ± 0.0300 (n=3) | 0.6600 |" in text
+    assert "INCOMPLETE" in text and "| ablation" not in text and "## ablation" in text
+
+
+def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False, seeds=[0, 1],
+                                       variants={}))
+    records = {}
+    for method, lr, seed, val, test in (("adamw", 1e-4, 0, 2.0, 1.0), ("adamw", 1e-3, 0, 1.5, 1.2),
+                                        ("adamw", 1e-3, 1, None, 1.4), ("stable-lora", 1e-4, 0, 1.0, 1.0),
+                                        ("stable-lora", 1e-3, 0, 3.0, 1.0), ("stable-lora", 1e-4, 1, None, 1.2)):
+        r = _record(cfg, method, lr, seed, val, test)
+        records[r["run_id"]] = r
+    result = aggregate(cfg, records)
+    assert result["methods"]["adamw"]["chosen"] == "lr=1e-03"  # the lower validation loss
+    assert result["methods"]["stable-lora"]["paired_vs_baseline"]["mean"] == pytest.approx(0.2)  # 0.2 lower loss
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": {"adamw": {"set": {"method.optimizerr": "adamw"}}}, "variants": {}},
+     "Unknown key 'method.optimizerr'"),
+    ({"seeds": [0, 1], "tune_seeds": [5]}, "must be among seeds"),
+    ({"baseline": "lora+"}, "baseline 'lora+' is not one of the methods"),
+    ({"variants": {"v": {"of": "nope", "set": {}}}}, "'nope' is not one of the methods"),
+    ({"learning_rates": [1e-4, "fast"]}, "learning_rates must be a non-empty list of numbers"),
+    ({"methods": {"adamw": {"set": {"training.seed": 3}}}}, "set by the harness"),
+    ({"metric": "accuracy"}, "metric must be 'EVAL/KEY'"),
+    ({"sedes": [0]}, "unknown key"),
+])
+def test_bad_compare_configs_fail_before_any_run(tmp_path, change, message):
+    with pytest.raises(CompareError, match=re.escape(message)):
+        load_compare_config(_compare(tmp_path, **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_tuning_without_a_validation_split_is_refused(tmp_path):
+    base = {**BASE, "data": {"dataset": "piqa", "eval_size": 8}}
+    path = _compare(tmp_path)
+    _write(tmp_path / "base.yaml", base)
+    with pytest.raises(CompareError, match="data.validation_size"):
+        load_compare_config(path)
+
+
+def test_extends_inherits_a_grid_and_changes_what_it_names(tmp_path):
+    parent = _compare(tmp_path, overrides={"data.max_length": 64, "data.eval_size": 8})
+    (tmp_path / "child").mkdir()
+    child = _write(tmp_path / "child" / "wide.yaml", {
+        "extends": "../compare.yaml", "output_dir": str(tmp_path / "wide"), "overrides": {"data.eval_size": 16},
+        "seeds": [0, 1]})
+    cfg = load_compare_config(child)
+    assert cfg.base_config == (tmp_path / "base.yaml").resolve()  # resolved against the parent that names it
+    assert cfg.overrides == {"data.max_length": 64, "data.eval_size": 16}
+    assert cfg.seeds == [0, 1] and list(cfg.methods) == ["adamw", "stable-lora"] and cfg.output_dir.name == "wide"
+    _write(parent, {"extends": "child/wide.yaml"})
+    with pytest.raises(CompareError, match="loops back"):
+        load_compare_config(child)
+
+
+def test_records_made_with_other_settings_are_refused(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path))
+    r = _record(cfg, "adamw", 1e-4, 0, 0.5, 0.5)
+    cfg.records_dir.mkdir(parents=True)
+    (cfg.records_dir / f"{r['run_id']}.json").write_text(json.dumps(r))
+    assert set(load_records(cfg)) == {r["run_id"]}
+    changed = load_compare_config(_compare(tmp_path, overrides={"data.max_length": 64}))
+    with pytest.raises(CompareError, match="other settings"):
+        load_records(changed)
+
+
+# --- a real grid on a tiny model ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 2-layer random BERT with MiniLM's real tokenizer, saved as a local model directory."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMultipleChoice
+
+    from stablelora.assets.models import resolve_model
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForMultipleChoice(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _processes_using(path: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if str(path) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tiny_encoder):
+    base = {"model": {"name_or_path": str(tiny_encoder)},
+            "data": {"dataset": "piqa", "eval_size": 8, "validation_size": 8, "max_train_examples": 24,
+                     "max_length": 48},
+            "lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]},
+            "monitor": {"every": 1},
+            "training": {"max_steps": 3, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True,
+                         "report_to": []}}
+    _write(tmp_path / "base.yaml", base)
+    config = _write(tmp_path / "compare.yaml", {
+        "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-3, 1e-2],
+        "tune_seeds": [0], "seeds": [0, 1],
+        "methods": {"adamw": {"set": {"method.optimizer": "adamw"}},
+                    "stable-lora": {"set": {"method.optimizer": "stable-lora", "method.shrink_ratio": 0.01}}}})
+    records = tmp_path / "out" / "records"
+    harness = subprocess.Popen([sys.executable, "-m", "stablelora.cli", "compare", str(config)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (records.is_dir() and list(records.glob("*.json"))) and time.time() < deadline:
+        assert harness.poll() is None, harness.stdout.read()
+        time.sleep(0.5)
+    time.sleep(3)  # the second run is now in flight
+    harness.send_signal(signal.SIGKILL)  # no clean-up code runs in the harness
+    harness.wait()
+    first = sorted(records.glob("*.json"))
+    assert 1 <= len(first) < 6
+    kept = {p.name: p.read_text() for p in first}
+    deadline = time.time() + 30
+    while _processes_using(tmp_path / "out") and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _processes_using(tmp_path / "out"), "a training run outlived the killed harness"
+
+    cfg = load_compare_config(config)
+    lines: list[str] = []
+    summary = run_grid(cfg, log=lines.append)
+    assert summary == {"done": 6, "total": 6, "ran": 6 - len(first)}
+    assert f"({len(first)} of 6 runs already done)" in lines[0]
+    for name, text in kept.items():  # finished runs were skipped, not redone
+        assert (records / name).read_text() == text
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["complete"]
+    stored = load_records(cfg)
+    for method in ("adamw", "stable-lora"):
+        tuning = {r["setting_label"]: r["validation"] for r in stored.values()
+                  if r["method"] == method and r["role"] == "tune"}
+        in_config_order = [tuning["lr=1e-03"], tuning["lr=1e-02"]]  # a tie goes to the first listed
+        expected = "lr=1e-03" if in_config_order[0] >= in_config_order[1] else "lr=1e-02"
+        assert result["methods"][method]["chosen"] == expected
+        tests = [r["test"] for r in stored.values() if r["method"] == method
+                 and r["setting_label"] == result["methods"][method]["chosen"]]
+        assert len(tests) == 2 and result["methods"][method]["test"]["mean"] == pytest.approx(statistics.fmean(tests))
+    assert result["methods"]["stable-lora"]["stable_lora"]["all"]["layer_runs"] == 2 * 4  # 2 layers x 2 q,v x 2 seeds
+    assert (tmp_path / "out" / "plots" / "test_scores.png").exists()
+    assert "complete: 6 of 6 runs" in (tmp_path / "out" / "results.md").read_text()
+    # a second call has nothing left to do
+    assert run_grid(cfg, log=lines.append)["ran"] == 0
