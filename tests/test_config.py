@@ -1,5 +1,7 @@
 """Config loading: YAML + overrides into dataclasses, and one clear error per mistake."""
 
+from pathlib import Path
+
 import pytest
 
 from stablelora.train.config import ConfigError, help_keys, load_config
@@ -52,3 +54,27 @@ def test_missing_config_file_and_help_keys(tmp_path):
     assert "method.shrink_ratio = 0.0005" in help_keys("method")
     with pytest.raises(ConfigError, match="Unknown section"):
         help_keys("nope")
+
+
+def _needs_a_gpu_here(path: str) -> bool:
+    import torch
+
+    return "gpu" in Path(path).name and not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_every_shipped_run_config_loads(path):
+    # GPU configs ask for bf16, which TrainingArguments refuses without a GPU: check every other key here
+    load_config(path, ["training.bf16=false"] if _needs_a_gpu_here(path) else [], output_dir="/tmp/never-written")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs/compare").glob("*.yaml")
+                                        if p.name != "methods.yaml"))
+def test_every_shipped_compare_config_loads_and_builds_all_its_runs(path):
+    from stablelora.benchmark.grid import CompareError, load_compare_config
+
+    if _needs_a_gpu_here(path):  # the keys were all accepted; only the bf16 check of TrainingArguments refuses
+        with pytest.raises(CompareError, match="doesn't support bf16/gpu"):
+            load_compare_config(path)
+    else:
+        assert load_compare_config(path).total_runs() > 0

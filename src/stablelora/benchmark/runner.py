@@ -59,10 +59,10 @@ def load_records(cfg: CompareConfig) -> dict[str, dict]:
         records[record["run_id"]] = record
     # re-plan with the records: seed and variant runs only become known once tuning has finished
     expected = {r.run_id: r for r in plan(cfg, records)}
+    # a record the plan no longer names (e.g. a learning rate dropped from the config) stays on disk, unused
+    records = {key: record for key, record in records.items() if key in expected}
     for run_id_, record in records.items():
-        planned = expected.get(run_id_)
-        if planned is None:
-            continue  # e.g. a tuning value dropped from the config: kept on disk, left out of the results
+        planned = expected[run_id_]
         if record["base_config_sha256"] != cfg.base_config_sha256 or record["overrides"] != _jsonable(planned.overrides):
             raise CompareError(
                 f"{cfg.records_dir / (run_id_ + '.json')} was made with other settings than {cfg.path} now gives "
