@@ -10,14 +10,11 @@ time (monitor on / off), measured in this process.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import tempfile
-import time
 
-import torch
 
+from recording import append_result  # benchmarks/recording.py (run as python benchmarks/X.py)
 from stablelora.demo import DEMO_CONFIG
 from stablelora.train.config import load_config
 from stablelora.train.run import run_training
@@ -52,11 +49,7 @@ def main(argv=None) -> None:
               f"{', '.join(f'{x:.3f}' for x in ratios)})")
     print(report)
     if args.out:
-        command = "python benchmarks/monitor_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.out, "a") as f:
-            f.write(f"\n## {time.strftime('%Y-%m-%d')} - {platform.machine()}, {torch.get_num_threads()} threads\n\n"
-                    f"Command: `{command.strip()}`  \nVersions: torch {torch.__version__}\n\n{report}\n")
-
+        append_result(args.out, "monitor_overhead.py", argv, report)
 
 if __name__ == "__main__":
     main()

@@ -15,17 +15,14 @@ Both the default torch AdamW (what HF Trainer's adamw_torch uses) and fused Adam
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 
-import peft
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from recording import append_result  # benchmarks/recording.py (run as python benchmarks/X.py)
 from stablelora import create_stablelora_optimizer, find_lora_pairs
 
 
@@ -175,16 +172,7 @@ def main(argv=None) -> None:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        command = "python benchmarks/optimizer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = (
-            f"\n## {time.strftime('%Y-%m-%d')} - {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads\n\nCommand: `{command.strip()}`  \n"
-            f"Versions: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-            f"Python {platform.python_version()}\n\n"
-        )
-        with open(args.out, "a") as f:
-            f.write(header + report + "\n")
-
+        append_result(args.out, "optimizer_overhead.py", argv, report)
 
 if __name__ == "__main__":
     main()

@@ -14,14 +14,13 @@ The paper reports +0.6 % time and no extra memory on GPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
+from recording import append_result  # benchmarks/recording.py (run as python benchmarks/X.py)
 from stablelora.assets.models import resolve_model
 from stablelora.methods import MethodArguments, build_optimizer
 from stablelora.train.config import load_config
@@ -98,11 +97,7 @@ def main(argv=None) -> None:
     ])
     print(report)
     if args.out:
-        command = "python benchmarks/train_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.out, "a") as f:
-            f.write(f"\n## {time.strftime('%Y-%m-%d')} - {platform.machine()}, {torch.get_num_threads()} threads\n\n"
-                    f"Command: `{command.strip()}`  \nVersions: torch {torch.__version__}\n\n{report}\n")
-
+        append_result(args.out, "train_overhead.py", argv, report)
 
 if __name__ == "__main__":
     main()
