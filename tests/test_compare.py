@@ -187,6 +187,39 @@ def test_records_made_with_other_settings_are_refused(tmp_path):
         load_records(changed)
 
 
+def _store(cfg, records: list[dict]) -> None:
+    cfg.records_dir.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        (cfg.records_dir / f"{r['run_id']}.json").write_text(json.dumps(r))
+
+
+def test_time_budget_starts_no_run_that_would_end_after_it(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path))
+    _store(cfg, [_record(cfg, "adamw", 1e-4, 0, 0.5, 0.5, wall=600.0)])  # runs of adamw take ~10 min here
+    lines: list[str] = []
+    summary = run_grid(cfg, time_budget_minutes=5, log=lines.append)
+    assert summary == {"done": 1, "total": 11, "ran": 0}
+    assert any("time budget of 5 min reached" in line and "Run the same command again" in line for line in lines)
+    assert not cfg.runs_dir.exists()  # nothing was started
+    assert "INCOMPLETE" in (cfg.output_dir / "results.md").read_text()
+
+
+def test_cli_dry_run_and_results_only(tmp_path, capsys):
+    from stablelora.cli import main
+
+    config = _compare(tmp_path)
+    cfg = load_compare_config(config)
+    assert main(["compare", str(config), "--results-only"]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    _store(cfg, [_record(cfg, "adamw", 1e-4, 0, 0.7, 0.6), _record(cfg, "adamw", 1e-3, 0, 0.6, 0.6)])
+    assert main(["compare", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "done    adamw (tune) lr=1e-04 seed 0" in out and "to run  adamw (seed) lr=1e-04 seed 1" in out
+    assert "2 of 11 runs done; 5 more are planned once tuning has chosen their settings" in out
+    assert main(["compare", str(config), "--results-only"]) == 0
+    assert "| adamw | lr=1e-04 | 0.6000 ± 0.0000 (n=1) |" in (cfg.output_dir / "results.md").read_text()
+
+
 # --- a real grid on a tiny model ------------------------------------------------------------------------------
 
 
