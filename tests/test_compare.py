@@ -102,6 +102,7 @@ def test_aggregation_maths_on_hand_made_records(tmp_path):
     result = aggregate(cfg, records)
     adamw, stable = result["methods"]["adamw"], result["methods"]["stable-lora"]
     assert adamw["chosen"] == "lr=1e-04" and stable["chosen"] == "lr=1e-03"
+    assert adamw["chosen_at_grid_edge"] == []  # two values have no inside: nothing to flag
     assert adamw["test"]["mean"] == pytest.approx(0.60) and adamw["test"]["std"] == pytest.approx(0.02)
     assert stable["test"]["mean"] == pytest.approx(0.63) and stable["test"]["max"] == pytest.approx(0.66)
     # paired differences 0.03, 0.04, 0.02: mean 0.03, sd 0.01, t(2) = 4.303
@@ -134,6 +135,19 @@ def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
     result = aggregate(cfg, records)
     assert result["methods"]["adamw"]["chosen"] == "lr=1e-03"  # the lower validation loss
     assert result["methods"]["stable-lora"]["paired_vs_baseline"]["mean"] == pytest.approx(0.2)  # 0.2 lower loss
+
+
+def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path, learning_rates=[1e-4, 3e-4, 1e-3], variants={}))
+    records = {}
+    for method, best in (("adamw", 1e-4), ("stable-lora", 3e-4)):
+        for lr in (1e-4, 3e-4, 1e-3):
+            r = _record(cfg, method, lr, 0, 0.9 if lr == best else 0.5, 0.5)
+            records[r["run_id"]] = r
+    result = aggregate(cfg, records)
+    assert result["methods"]["adamw"]["chosen_at_grid_edge"] == ["training.learning_rate"]
+    assert result["methods"]["stable-lora"]["chosen_at_grid_edge"] == []
+    assert "| adamw | lr=1e-04 (end of its grid) |" in to_markdown(result, "cmd")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -74,6 +74,11 @@ def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> d
     return entry
 
 
+def _at_edge(values: list, value) -> bool:
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return numeric and len(values) > 2 and value in (min(values), max(values))
+
+
 def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
     methods, chosen = {}, {}
     for method in cfg.methods.values():
@@ -91,8 +96,11 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
                            "n": len(values)})
         label = setting_label(chosen[method.name]) if chosen[method.name] else None
         runs = _final_records(cfg, records, method.name, label) if label else []
+        # a choice at the end of a tuned range says the best value may lie beyond it: extend the grid
+        at_edge = sorted(key for key, values in method.tuned.items()
+                         if chosen[method.name] and _at_edge(values, chosen[method.name][key]))
         methods[method.name] = {"fixed": method.settings_fixed, "tuning": tuning, "chosen": label,
-                                **_entry(cfg, runs, baseline)}
+                                "chosen_at_grid_edge": at_edge, **_entry(cfg, runs, baseline)}
     variants = {}
     for variant in cfg.variants.values():
         label = setting_label(chosen[variant.of]) if chosen[variant.of] else None
@@ -146,7 +154,8 @@ def to_markdown(result: dict, command: str) -> str:
         f"- Split: {result['split']}",
         f"- Protocol: each method's setting is chosen by mean validation score over tune seeds "
         f"{result['tune_seeds']} (the test split is never read for this); the test metric is then reported over "
-        f"seeds {result['seeds']} at that setting. Δ is the paired difference against `{result['baseline']}` "
+        f"seeds {result['seeds']} at that setting; \"end of its grid\" marks a choice at the lowest or highest "
+        "tuned value, where a better one may lie outside the grid. Δ is the paired difference against `{result['baseline']}` "
         "(same seeds), with a 95 % t-interval; positive means better than the baseline.",
         f"- Versions: {result['versions']}. Machine: {result['machine']}.", "",
         f"## Test {result['metric']} at the setting chosen on validation", "",
@@ -154,7 +163,8 @@ def to_markdown(result: dict, command: str) -> str:
         "|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
-        lines.append(f"| {name} | {m['chosen'] or 'tuning'} | {_pm(m['test'])} | {_best(result, m['test'])} "
+        edge = " (end of its grid)" if m["chosen_at_grid_edge"] else ""
+        lines.append(f"| {name} | {m['chosen'] or 'tuning'}{edge} | {_pm(m['test'])} | {_best(result, m['test'])} "
                      f"| {_delta(m)} |")
     before = result.get("eval_before") or {}
     metric_eval, metric_key = result["metric"].split("/") if result["metric"] else (None, None)
