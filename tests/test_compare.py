@@ -207,6 +207,22 @@ def _store(cfg, records: list[dict]) -> None:
         (cfg.records_dir / f"{r['run_id']}.json").write_text(json.dumps(r))
 
 
+def test_extending_a_grid_reuses_seed_runs_once_the_choice_stands(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path, variants={}))
+    _store(cfg, [_record(cfg, "adamw", 1e-4, 0, 0.7, 0.6), _record(cfg, "adamw", 1e-3, 0, 0.6, 0.6)])
+    seeds = [r for r in plan(cfg, load_records(cfg)) if r.role == "seed"]
+    _store(cfg, [{**_record(cfg, "adamw", 1e-4, r.seed, None, 0.6, role="seed"), "overrides": r.overrides}
+                 for r in seeds])
+    wider = load_compare_config(_compare(tmp_path, variants={}, learning_rates=[1e-5, 1e-4, 1e-3]))
+    records = load_records(wider)
+    assert len(records) == 4  # the seed runs stay loaded while lr=1e-5 is pending
+    assert not [r for r in plan(wider, records) if r.role == "seed"]
+    new = _record(wider, "adamw", 1e-5, 0, 0.5, 0.6)
+    records[new["run_id"]] = new
+    pending = [r.run_id for r in plan(wider, records) if r.run_id not in records and r.method == "adamw"]
+    assert pending == []  # lr=1e-4 still wins: its seed runs count again, nothing is redone
+
+
 def test_time_budget_starts_no_run_that_would_end_after_it(tmp_path):
     cfg = load_compare_config(_compare(tmp_path))
     _store(cfg, [_record(cfg, "adamw", 1e-4, 0, 0.5, 0.5, wall=600.0)])  # runs of adamw take ~10 min here

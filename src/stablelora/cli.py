@@ -43,8 +43,9 @@ def _compare(args) -> int:
     cfg = load_compare_config(args.config, output_dir=args.output_dir)
     if args.results_only:
         from stablelora.benchmark.results import write_results
+        from stablelora.benchmark.runner import planned_records
 
-        records = load_records(cfg)
+        records = planned_records(cfg, load_records(cfg))
         if not records:
             raise ValueError(f"no finished runs under {cfg.records_dir}: run 'stablelora compare {args.config}' first.")
         write_results(cfg, records)
@@ -59,7 +60,7 @@ def _compare(args) -> int:
             state = "done" if run.run_id in records else "to run"
             print(f"{state:7s} {run.method} ({run.role}) {setting_label(run.setting)} seed {run.seed}")
         later = cfg.total_runs() - len(known)
-        print(f"{len(records)} of {cfg.total_runs()} runs done" +
+        print(f"{sum(run.run_id in records for run in known)} of {cfg.total_runs()} runs done" +
               (f"; {later} more are planned once tuning has chosen their settings" if later else ""))
         return 0
     run_grid(cfg, time_budget_minutes=args.time_budget)

@@ -310,6 +310,9 @@ def plot(result: dict, records: dict[str, dict], out: Path) -> list[str]:
 
 
 def write_results(cfg: CompareConfig, records: dict[str, dict]) -> dict:
+    from stablelora.benchmark.runner import planned_records
+
+    records = planned_records(cfg, records)
     result = aggregate(cfg, records)
     result["plots"] = plot(result, records, cfg.output_dir / "plots")
     command = f"stablelora compare {cfg.path}"

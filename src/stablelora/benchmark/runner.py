@@ -57,18 +57,26 @@ def load_records(cfg: CompareConfig) -> dict[str, dict]:
         except json.JSONDecodeError as err:
             raise CompareError(f"{path} is not valid JSON ({err.msg}); delete it to re-run that run.") from err
         records[record["run_id"]] = record
-    # re-plan with the records: seed and variant runs only become known once tuning has finished
+    # re-plan with the records: seed and variant runs only become known once tuning has finished. A record the
+    # plan does not name now (a value dropped from the config, or seed runs of a method whose grid was extended
+    # and is being re-tuned) is kept: it counts again as soon as the plan names it.
     expected = {r.run_id: r for r in plan(cfg, records)}
-    # a record the plan no longer names (e.g. a learning rate dropped from the config) stays on disk, unused
-    records = {key: record for key, record in records.items() if key in expected}
     for run_id_, record in records.items():
-        planned = expected[run_id_]
+        planned = expected.get(run_id_)
+        if planned is None:
+            continue
         if record["base_config_sha256"] != cfg.base_config_sha256 or record["overrides"] != _jsonable(planned.overrides):
             raise CompareError(
                 f"{cfg.records_dir / (run_id_ + '.json')} was made with other settings than {cfg.path} now gives "
                 f"this run (base config or overrides changed). Use a new output_dir for the new settings, or delete "
                 f"{cfg.records_dir} to start this comparison over.")
     return records
+
+
+def planned_records(cfg: CompareConfig, records: dict[str, dict]) -> dict[str, dict]:
+    """The records the current plan names: what the results are made of."""
+    names = {r.run_id for r in plan(cfg, records)}
+    return {key: record for key, record in records.items() if key in names}
 
 
 def _jsonable(value):
@@ -193,11 +201,15 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
 
     records = load_records(cfg)
     total = cfg.total_runs()
+
+    def done() -> int:
+        return len(planned_records(cfg, records))
+
     started = time.perf_counter()
     ran: list[float] = []
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `timeout` and job schedulers send SIGTERM
     try:
-        log(f"compare: {cfg.path} -> {cfg.output_dir} ({len(records)} of {total} runs already done)")
+        log(f"compare: {cfg.path} -> {cfg.output_dir} ({done()} of {total} runs already done)")
         while True:
             pending = [r for r in plan(cfg, records) if r.run_id not in records]
             if not pending:
@@ -210,8 +222,8 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
                 log(f"time budget of {time_budget_minutes:g} min reached after {_fmt_duration(elapsed)}: the next run "
                     f"would take about {_fmt_duration(expected)}. Run the same command again to continue.")
                 break
-            position = len(records) + 1
-            remaining = total - len(records)
+            position = done() + 1
+            remaining = total - done()
             per_run = statistics.median(ran) if ran else expected
             eta = f", ETA {_fmt_duration(per_run * remaining)} for {remaining} runs" if per_run else ""
             log(f"[{position}/{total}] {run.method} ({run.role}) {setting_label(run.setting)} seed {run.seed}: "
@@ -228,8 +240,8 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
         signal.signal(signal.SIGTERM, previous)
     if records:
         write_results(cfg, records)
-    log(f"compare: {len(records)} of {total} runs done; results: {cfg.output_dir / 'results.md'}")
-    return {"done": len(records), "total": total, "ran": len(ran)}
+    log(f"compare: {done()} of {total} runs done; results: {cfg.output_dir / 'results.md'}")
+    return {"done": done(), "total": total, "ran": len(ran)}
 
 
 def _raise_interrupt(signum, frame):
