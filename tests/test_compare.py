@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from stablelora.benchmark.grid import CompareError, load_compare_config, plan, run_id, setting_label
-from stablelora.benchmark.results import aggregate, to_markdown
+from stablelora.benchmark.results import aggregate, plot, to_markdown
 from stablelora.benchmark.runner import load_records, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,11 +116,14 @@ def test_aggregation_maths_on_hand_made_records(tmp_path):
     assert stable["stable_lora"]["q_proj"]["median_stop_step"] == 4
     assert stable["stable_lora"]["v_proj"]["never_stopped_fraction"] == 1.0
     assert stable["stable_lora"]["all"]["never_stopped_fraction"] == pytest.approx(0.5)
+    assert stable["stop_steps_by_module"] == {"q_proj": [4, 4, 4], "v_proj": [None, None, None]}
     assert stable["other_metrics"]["piqa/loss_like"]["mean"] == pytest.approx(1.26)
     assert not result["complete"] and result["done"] == 8 and result["total"] == 11
     text = to_markdown(result, "stablelora compare compare.yaml")
     assert "| stable-lora | lr=1e-03 | 0.6300 ± 0.0300 (n=3) | 0.6600 |" in text
     assert "INCOMPLETE" in text and "| ablation" not in text and "## ablation" in text
+    assert "paired difference against `adamw`" in text and "{" not in text.split("- Versions")[0]
+    assert "stop_steps.png" in plot(result, records, tmp_path / "plots")  # stopped q_proj layers; v_proj never
 
 
 def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):

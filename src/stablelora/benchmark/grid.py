@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 
 from stablelora.reporting.stats import select_on_validation
-from stablelora.train.config import ConfigError, _load_yaml, load_config
+from stablelora.train.config import (ConfigError, _load_yaml, build_config, merge_config_layers, nest_overrides,
+                                     read_config_file)
 
 LEARNING_RATE = "training.learning_rate"
 SEED = "training.seed"
@@ -255,17 +256,11 @@ def _build(cfg: CompareConfig, name: str, overrides: dict[str, Any]):
 
 def merged_config(base_config: Path, overrides: dict[str, Any]) -> dict:
     """The base YAML with ``section.key`` overrides applied: what one run of the grid trains with."""
-    data = _load_yaml(base_config.read_text(encoding="utf-8")) or {}
-    data = {section: dict(values or {}) for section, values in data.items()}
-    for key, value in overrides.items():
-        section, name = key.split(".", 1)
-        data.setdefault(section, {})[name] = value
-    return data
+    return merge_config_layers(read_config_file(base_config), nest_overrides(overrides))
 
 
 def load_config_with(base_config: Path, overrides: dict[str, Any]):
-    data = merged_config(base_config, overrides)
-    return load_config(None, [], base=data)
+    return build_config(merged_config(base_config, overrides))
 
 
 def overrides_for(cfg: CompareConfig, method: MethodSpec, setting: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -30,11 +30,16 @@ def _summary(values: list[float]) -> dict | None:
     return {"mean": s.mean, "std": s.std, "max": s.best, "min": min(values), "n": s.n}
 
 
-def _stop_statistics(runs: list[dict]) -> dict | None:
+def _stop_steps_by_module(runs: list[dict]) -> dict[str, list]:
+    """Each Stable-LoRA layer's stop step (None: never stopped), pooled over runs, by module type."""
     by_module: dict[str, list] = {}
     for run in runs:
         for module, steps in ((run.get("stable_lora") or {}).get("stop_steps_by_module") or {}).items():
             by_module.setdefault(module, []).extend(steps)
+    return by_module
+
+
+def _stop_statistics(by_module: dict[str, list]) -> dict | None:
     if not by_module:
         return None
     out = {}
@@ -48,8 +53,10 @@ def _stop_statistics(runs: list[dict]) -> dict | None:
 
 def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> dict:
     tests = {r["seed"]: r["test"] for r in runs}
+    stop_steps = _stop_steps_by_module(runs)
     entry = {"seeds": tests, "test": _summary(list(tests.values())), "paired_vs_baseline": None,
-             "cost": {}, "cost_vs_baseline": {}, "stable_lora": _stop_statistics(runs), "other_metrics": {}}
+             "cost": {}, "cost_vs_baseline": {}, "stable_lora": _stop_statistics(stop_steps),
+             "stop_steps_by_module": stop_steps, "other_metrics": {}}
     base_tests = {seed: r["test"] for seed, r in baseline.items()}
     if runs and runs[0]["method"] != cfg.baseline and len(set(tests) & set(base_tests)) >= 2:
         diff = paired_difference(tests, base_tests)
@@ -155,7 +162,7 @@ def to_markdown(result: dict, command: str) -> str:
         f"- Protocol: each method's setting is chosen by mean validation score over tune seeds "
         f"{result['tune_seeds']} (the test split is never read for this); the test metric is then reported over "
         f"seeds {result['seeds']} at that setting; \"end of its grid\" marks a choice at the lowest or highest "
-        "tuned value, where a better one may lie outside the grid. Δ is the paired difference against `{result['baseline']}` "
+        f"tuned value, where a better one may lie outside the grid. Δ is the paired difference against `{result['baseline']}` "
         "(same seeds), with a 95 % t-interval; positive means better than the baseline.",
         f"- Versions: {result['versions']}. Machine: {result['machine']}.", "",
         f"## Test {result['metric']} at the setting chosen on validation", "",
@@ -286,15 +293,11 @@ def plot(result: dict, records: dict[str, dict], out: Path) -> list[str]:
         fig.savefig(out / "tuning.png", dpi=110)
         plt.close(fig)
         written.append("tuning.png")
-    stop_runs: dict[str, dict[str, list]] = {}
+    stop_runs = {}  # stopped layers only: a box plot of steps cannot show "never"; the table gives that fraction
     for name, m in {**result["methods"], **result["variants"]}.items():
-        label = m.get("chosen") or m.get("setting")
-        for r in records.values():
-            if r["method"] == name and r["setting_label"] == label and r.get("stable_lora"):
-                for module, steps in r["stable_lora"]["stop_steps_by_module"].items():
-                    stop_runs.setdefault(name, {}).setdefault(module, []).extend(s for s in steps if s is not None)
-    stop_runs = {n: {k: v for k, v in mods.items() if v} for n, mods in stop_runs.items()}
-    stop_runs = {n: mods for n, mods in stop_runs.items() if mods}
+        stopped = {module: [s for s in steps if s is not None] for module, steps in m["stop_steps_by_module"].items()}
+        if any(stopped.values()):
+            stop_runs[name] = {module: steps for module, steps in stopped.items() if steps}
     if stop_runs:
         fig, axes = plt.subplots(1, len(stop_runs), figsize=(4 * len(stop_runs), 3.5), squeeze=False)
         for ax, (name, modules) in zip(axes[0], stop_runs.items()):

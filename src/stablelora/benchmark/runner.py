@@ -201,17 +201,15 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
 
     records = load_records(cfg)
     total = cfg.total_runs()
-
-    def done() -> int:
-        return len(planned_records(cfg, records))
-
     started = time.perf_counter()
     ran: list[float] = []
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `timeout` and job schedulers send SIGTERM
     try:
-        log(f"compare: {cfg.path} -> {cfg.output_dir} ({done()} of {total} runs already done)")
+        log(f"compare: {cfg.path} -> {cfg.output_dir} ({len(planned_records(cfg, records))} of {total} runs "
+            "already done)")
         while True:
-            pending = [r for r in plan(cfg, records) if r.run_id not in records]
+            named = plan(cfg, records)
+            pending = [r for r in named if r.run_id not in records]
             if not pending:
                 break
             run = pending[0]
@@ -222,8 +220,8 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
                 log(f"time budget of {time_budget_minutes:g} min reached after {_fmt_duration(elapsed)}: the next run "
                     f"would take about {_fmt_duration(expected)}. Run the same command again to continue.")
                 break
-            position = done() + 1
-            remaining = total - done()
+            finished = len(named) - len(pending)
+            position, remaining = finished + 1, total - finished
             per_run = statistics.median(ran) if ran else expected
             eta = f", ETA {_fmt_duration(per_run * remaining)} for {remaining} runs" if per_run else ""
             log(f"[{position}/{total}] {run.method} ({run.role}) {setting_label(run.setting)} seed {run.seed}: "
@@ -240,8 +238,9 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
         signal.signal(signal.SIGTERM, previous)
     if records:
         write_results(cfg, records)
-    log(f"compare: {done()} of {total} runs done; results: {cfg.output_dir / 'results.md'}")
-    return {"done": done(), "total": total, "ran": len(ran)}
+    done = len(planned_records(cfg, records))
+    log(f"compare: {done} of {total} runs done; results: {cfg.output_dir / 'results.md'}")
+    return {"done": done, "total": total, "ran": len(ran)}
 
 
 def _raise_interrupt(signum, frame):

@@ -150,16 +150,46 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value  # enums, dicts and other TrainingArguments types: TrainingArguments validates them
 
 
-def parse_overrides(overrides: list[str]) -> dict:
+def nest_overrides(flat: dict[str, Any]) -> dict:
+    """{'section.key': value} -> {'section': {'key': value}}: the shape of a config file."""
     nested: dict = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    flat = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"Override {item!r} is not of the form section.key=value (e.g. method.optimizer="
                               "stable-lora or training.learning_rate=2e-4).")
         key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        nested.setdefault(section, {})[name] = _load_yaml(value) if value != "" else None
-    return nested
+        flat[key] = _load_yaml(value) if value != "" else None
+    return nest_overrides(flat)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A run config YAML as {section: {key: value}}, with an error that says what is wrong with the file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"Config file '{path}' does not exist. Examples are in configs/.")
+    try:
+        loaded = _load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"Config file '{path}' must be a mapping with sections {list(_sections())}.")
+    return loaded
+
+
+def merge_config_layers(*layers: dict) -> dict:
+    """Later layers win key by key within a section; no layer is modified."""
+    data: dict = {}
+    for layer in layers:
+        for section, values in layer.items():
+            data.setdefault(section, {}).update(values or {})
+    return data
 
 
 def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
@@ -216,24 +246,8 @@ def _plain(value: Any) -> Any:
 
 def load_config(path: str | None, overrides: list[str] = (), output_dir: str | None = None,
                 base: dict | None = None) -> RunConfig:
-    data: dict = {}
-    if base:
-        data = {k: dict(v) for k, v in base.items()}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"Config file '{path}' does not exist. Examples are in configs/.")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = _load_yaml(f.read()) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"Config file '{path}' must be a mapping with sections {list(_sections())}.")
-        for section, values in loaded.items():
-            data.setdefault(section, {}).update(values or {})
-    for section, values in parse_overrides(list(overrides)).items():
-        data.setdefault(section, {}).update(values)
-    return build_config(data, output_dir)
+    file_layer = read_config_file(path) if path is not None else {}
+    return build_config(merge_config_layers(base or {}, file_layer, parse_overrides(list(overrides))), output_dir)
 
 
 def help_keys(section: str) -> str:
