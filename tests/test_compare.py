@@ -19,7 +19,7 @@ import yaml
 
 from stablelora.benchmark.grid import CompareError, load_compare_config, plan, run_id, setting_label
 from stablelora.benchmark.results import aggregate, plot, to_markdown
-from stablelora.benchmark.runner import load_records, run_grid
+from stablelora.benchmark.runner import _metric_key, load_records, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -138,6 +138,17 @@ def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
     result = aggregate(cfg, records)
     assert result["methods"]["adamw"]["chosen"] == "lr=1e-03"  # the lower validation loss
     assert result["methods"]["stable-lora"]["paired_vs_baseline"]["mean"] == pytest.approx(0.2)  # 0.2 lower loss
+
+
+def test_a_loss_only_math_eval_needs_the_metric_named(tmp_path):
+    """Math runs with data.generate=false report only a loss: judging it as higher-is-better would invert the
+    comparison, so the harness refuses until the config names the metric and its direction."""
+    cfg = load_compare_config(_compare(tmp_path))
+    metrics = {"task": "gsm-symbolic", "eval_after": {"gsm-symbolic": {"examples": 4, "answer_token_loss": 1.3}}}
+    with pytest.raises(CompareError, match="higher_is_better: false"):
+        _metric_key(cfg, metrics)
+    cfg.higher_is_better = False
+    assert _metric_key(cfg, metrics) == ("gsm-symbolic", "answer_token_loss")
 
 
 def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):

@@ -70,6 +70,16 @@ def test_smollm2_math_generation_eval_runs(tmp_path):
         assert result["samples"][0]["generated"]
 
 
+def test_smollm2_math_without_generation_scores_the_loss_only(tmp_path):
+    cfg = load_config("configs/smollm2_gsm_symbolic.yaml",
+                      ["data.eval_size=2", "data.validation_size=2", "data.generate=false", "training.max_steps=1",
+                       "training.disable_tqdm=true", "method.optimizer=adamw"], output_dir=str(tmp_path))
+    metrics = run_training(cfg)
+    for result in (metrics["eval_after"]["gsm-symbolic"], metrics["eval_after"]["asdiv"],
+                   metrics["eval_validation"]["gsm-symbolic"]):
+        assert set(result) == {"examples", "answer_token_loss"} and result["answer_token_loss"] > 0
+
+
 def test_minilm_multiple_choice_head(tmp_path):
     cfg = load_config("configs/minilm_privacyqa.yaml",
                       ["data.dataset=piqa", "data.eval_size=16", "data.validation_size=8", "training.max_steps=2",

@@ -89,6 +89,9 @@ def _metric_key(cfg: CompareConfig, metrics: dict) -> tuple[str, str]:
     else:
         eval_name = metrics["task"]
         key = headline(metrics["eval_after"][eval_name])[0]
+        if key == "answer_token_loss" and cfg.higher_is_better:
+            raise CompareError(f"{cfg.path}: the runs report only the answer-token loss (data.generate is false), "
+                               "where lower is better. Set metric: EVAL/answer_token_loss and higher_is_better: false.")
     if key not in metrics["eval_after"].get(eval_name, {}):
         available = [f"{e}/{k}" for e, r in metrics["eval_after"].items() for k, v in r.items()
                      if isinstance(v, (int, float))]

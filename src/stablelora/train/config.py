@@ -60,6 +60,9 @@ class DataArguments:
     max_train_examples: int | None = None
     max_length: int = 256
     max_new_tokens: int = 192
+    generate: bool = field(default=True, metadata={
+        "help": "math tasks: greedy generation scored by exact match; false scores the answer-token loss only "
+                "(generation is most of a CPU run's evaluation time)"})
     eval_batch_size: int = 16
 
 

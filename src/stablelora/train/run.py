@@ -142,7 +142,8 @@ class TaskPipeline:
         splits = {task.name: examples} if validation else {task.name: task.eval, **task.extra_eval}
         for name, split in splits.items():
             results[name] = evaluate_math(model, self.tokenizer, split, max_new_tokens=data.max_new_tokens,
-                                          max_length=data.max_length, batch_size=data.eval_batch_size)
+                                          max_length=data.max_length, batch_size=data.eval_batch_size) \
+                if data.generate else {"examples": len(split)}
             results[name]["answer_token_loss"] = answer_token_loss(model, self.train_items(split),
                                                                    self.collator(), data.eval_batch_size)
         return results
