@@ -118,6 +118,7 @@ def test_aggregation_maths_on_hand_made_records(tmp_path):
     assert stable["stable_lora"]["all"]["never_stopped_fraction"] == pytest.approx(0.5)
     assert stable["stop_steps_by_module"] == {"q_proj": [4, 4, 4], "v_proj": [None, None, None]}
     assert stable["other_metrics"]["piqa/loss_like"]["mean"] == pytest.approx(1.26)
+    assert stable["other_metrics"]["train_loss"]["mean"] == pytest.approx(1.0)
     assert not result["complete"] and result["done"] == 8 and result["total"] == 11
     text = to_markdown(result, "stablelora compare compare.yaml")
     assert "| stable-lora | lr=1e-03 | 0.6300 ± 0.0300 (n=3) | 0.6600 |" in text

@@ -78,6 +78,8 @@ def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> d
         name = f"{eval_name}/{key}"
         values = [r["eval_after"][eval_name][key] for r in runs if key in r["eval_after"].get(eval_name, {})]
         entry["other_metrics"][name] = _summary(values)
+    if runs:  # the mean training loss over each run's steps: a finer signal than a coarse test score
+        entry["other_metrics"]["train_loss"] = _summary([r["train_loss"] for r in runs])
     return entry
 
 
@@ -226,7 +228,7 @@ def to_markdown(result: dict, command: str) -> str:
             lines.append(f"| {name} | {t['setting']} | {value} | {'✓' if t['setting'] == m['chosen'] else ''} |")
     other = sorted({k for m in everything.values() for k in m["other_metrics"]})
     if other:
-        lines += ["", "## Other test metrics (mean ± std over the same runs)", "",
+        lines += ["", "## Other metrics: the other test evaluations and the mean training loss (mean ± std over the same runs)", "",
                   "| method | " + " | ".join(other) + " |", "|---|" + "---|" * len(other)]
         for name, m in everything.items():
             if m["test"]:
