@@ -73,3 +73,5 @@ def test_validation_is_carved_from_train_and_the_eval_split_ignores_the_training
     assert "Validation: the first 30" in task.split_note
     with pytest.raises(RunError, match="leaves no training data"):
         task_for("data.validation_size=10000")
+    with pytest.raises(RunError, match="applies to generation \\(math\\) tasks only; task 'openbookqa'"):
+        task_for("data.generate=false")

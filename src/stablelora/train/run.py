@@ -66,6 +66,9 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         task = load_jsonl_task(data.train_file, data.eval_file, data.format)
     else:
         task = load_task(data.dataset, eval_size=data.eval_size, seed=data.split_seed)
+    if not data.generate and task.family != GENERATION:
+        raise RunError(f"data.generate=false applies to generation (math) tasks only; task '{task.name}' is "
+                       f"{task.family} and is scored without generating. Remove data.generate.")
     if data.validation_size:
         if data.validation_size >= len(task.train):
             raise RunError(f"data.validation_size={data.validation_size} leaves no training data ({len(task.train)} "
