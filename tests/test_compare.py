@@ -61,7 +61,7 @@ def _record(cfg, method: str, lr: float, seed: int, validation: float, test: flo
             "train_wall_seconds": wall, "run_seconds": wall + 5, "train_tokens": 100, "tokens_per_second": 100 / wall,
             "peak_memory_bytes": 2**30, "peak_memory_kind": "process max RSS", "optimizer_state_bytes": 1000,
             "stable_lora": stops, "split": "test split", "model": "m", "overrides": overrides,
-            "base_config_sha256": cfg.base_config_sha256, "versions": {}, "machine": {}}
+            "base_config_sha256": cfg.base_config_sha256, "versions": {"torch": "2.13.0+cpu"}, "machine": {"cpu_count": 2}}
 
 
 def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_path):
@@ -123,7 +123,8 @@ def test_aggregation_maths_on_hand_made_records(tmp_path):
     text = to_markdown(result, "stablelora compare compare.yaml")
     assert "| stable-lora | lr=1e-03 | 0.6300 ± 0.0300 (n=3) | 0.6600 |" in text
     assert "INCOMPLETE" in text and "| ablation" not in text and "## ablation" in text
-    assert "paired difference against `adamw`" in text and "{" not in text.split("- Versions")[0]
+    assert "paired difference against `adamw`" in text and "{" not in text.split("## Test")[0]
+    assert "- Versions: torch 2.13.0+cpu. Machine: cpu_count 2." in text
     assert "stop_steps.png" in plot(result, records, tmp_path / "plots")  # stopped q_proj layers; v_proj never
 
 

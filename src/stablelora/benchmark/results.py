@@ -150,6 +150,10 @@ def _best(result: dict, summary: dict | None) -> str:
     return f"{summary['max' if result['higher_is_better'] else 'min']:.4f}"
 
 
+def _key_values(mapping: dict | None) -> str:
+    return ", ".join(f"{key} {value}" for key, value in (mapping or {}).items()) or "not recorded"
+
+
 def to_markdown(result: dict, command: str) -> str:
     lines = [f"# Comparison: {Path(result['config']).stem}", ""]
     if result["description"]:
@@ -166,7 +170,7 @@ def to_markdown(result: dict, command: str) -> str:
         f"seeds {result['seeds']} at that setting; \"end of its grid\" marks a choice at the lowest or highest "
         f"tuned value, where a better one may lie outside the grid. Δ is the paired difference against `{result['baseline']}` "
         "(same seeds), with a 95 % t-interval; positive means better than the baseline.",
-        f"- Versions: {result['versions']}. Machine: {result['machine']}.", "",
+        f"- Versions: {_key_values(result['versions'])}. Machine: {_key_values(result['machine'])}.", "",
         f"## Test {result['metric']} at the setting chosen on validation", "",
         "| method | chosen setting | test mean ± std | best of seeds | Δ vs baseline [95 % CI] |",
         "|---|---|---|---|---|",
