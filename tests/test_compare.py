@@ -144,13 +144,24 @@ def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
 
 def test_a_loss_only_math_eval_needs_the_metric_named(tmp_path):
     """Math runs with data.generate=false report only a loss: judging it as higher-is-better would invert the
-    comparison, so the harness refuses until the config names the metric and its direction."""
+    comparison, so the harness refuses until the config names the metric, whose direction it then knows."""
     cfg = load_compare_config(_compare(tmp_path))
     metrics = {"task": "gsm-symbolic", "eval_after": {"gsm-symbolic": {"examples": 4, "answer_token_loss": 1.3}}}
-    with pytest.raises(CompareError, match="higher_is_better: false"):
+    with pytest.raises(CompareError, match="lower is better, but higher_is_better is true. Name it, metric: "
+                                           "gsm-symbolic/answer_token_loss"):
         _metric_key(cfg, metrics)
-    cfg.higher_is_better = False
-    assert _metric_key(cfg, metrics) == ("gsm-symbolic", "answer_token_loss")
+    named = load_compare_config(_compare(tmp_path, metric="gsm-symbolic/answer_token_loss"))
+    assert named.higher_is_better is False
+    assert _metric_key(named, metrics) == ("gsm-symbolic", "answer_token_loss")
+
+
+def test_a_direction_that_contradicts_a_known_metric_is_refused(tmp_path):
+    with pytest.raises(CompareError, match="'piqa/accuracy' is better when higher, but higher_is_better is false"):
+        load_compare_config(_compare(tmp_path, metric="piqa/accuracy", higher_is_better=False))
+    with pytest.raises(CompareError, match="better when lower, but higher_is_better is true. Remove"):
+        load_compare_config(_compare(tmp_path, metric="gsm-symbolic/answer_token_loss", higher_is_better=True))
+    assert load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False)).higher_is_better \
+        is False  # a metric it does not know keeps the stated direction
 
 
 def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):

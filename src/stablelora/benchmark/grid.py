@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from stablelora.eval import HIGHER_IS_BETTER
 from stablelora.reporting.stats import select_on_validation
 from stablelora.train.config import (ConfigError, _load_yaml, build_config, merge_config_layers, nest_overrides,
                                      read_config_file)
@@ -217,9 +218,14 @@ def load_compare_config(path: str | Path, output_dir: str | None = None) -> Comp
     metric = data.get("metric")
     if metric is not None and (not isinstance(metric, str) or metric.count("/") != 1):
         raise CompareError(f"{path}: metric must be 'EVAL/KEY' (e.g. gsm-symbolic/answer_token_loss), got {metric!r}.")
-    higher = data.get("higher_is_better", True)
+    known = HIGHER_IS_BETTER.get(metric.split("/")[1]) if metric else None
+    higher = data.get("higher_is_better", True if known is None else known)
     if not isinstance(higher, bool):
         raise CompareError(f"{path}: higher_is_better must be true or false.")
+    if known is not None and higher != known:
+        raise CompareError(f"{path}: metric '{metric}' is better when {'higher' if known else 'lower'}, but "
+                           f"higher_is_better is {str(higher).lower()}. Remove higher_is_better (it follows a "
+                           f"known metric) or set it to {str(known).lower()}.")
     out = output_dir or data.get("output_dir")
     if not out:
         raise CompareError(f"{path}: set output_dir (or pass --output-dir).")

@@ -29,7 +29,7 @@ import yaml
 
 from stablelora.benchmark.grid import CompareConfig, CompareError, PlannedRun, merged_config, plan, setting_label
 from stablelora.diagnostics.monitor import module_type
-from stablelora.eval import headline
+from stablelora.eval import HIGHER_IS_BETTER, headline
 from stablelora.fileio import write_atomic, write_json
 
 RECORD_VERSION = 1
@@ -89,9 +89,11 @@ def _metric_key(cfg: CompareConfig, metrics: dict) -> tuple[str, str]:
     else:
         eval_name = metrics["task"]
         key = headline(metrics["eval_after"][eval_name])[0]
-        if key == "answer_token_loss" and cfg.higher_is_better:
-            raise CompareError(f"{cfg.path}: the runs report only the answer-token loss (data.generate is false), "
-                               "where lower is better. Set metric: EVAL/answer_token_loss and higher_is_better: false.")
+        if HIGHER_IS_BETTER.get(key, cfg.higher_is_better) != cfg.higher_is_better:
+            raise CompareError(f"{cfg.path}: the runs are judged by '{eval_name}/{key}', where "
+                               f"{'higher' if HIGHER_IS_BETTER[key] else 'lower'} is better, but higher_is_better is "
+                               f"{str(cfg.higher_is_better).lower()}. Name it, metric: {eval_name}/{key}, and "
+                               "higher_is_better follows it.")
     if key not in metrics["eval_after"].get(eval_name, {}):
         available = [f"{e}/{k}" for e, r in metrics["eval_after"].items() for k, v in r.items()
                      if isinstance(v, (int, float))]
