@@ -28,6 +28,42 @@ def test_gsm_symbolic_eval_templates_are_held_out():
     assert all(same_number(extract_final_number(x["completion"]), x["answer"]) for x in task.train[:50])
 
 
+def test_gsm_symbolic_validation_templates_are_seen_neither_in_training_nor_in_eval(tmp_path):
+    from stablelora.train.config import load_config
+    from stablelora.train.run import load_task_data
+
+    task = load_task_data(load_config(None, ["data.dataset=gsm-symbolic", "data.eval_size=60",
+                                             "data.validation_size=40"], output_dir=str(tmp_path)))
+    train, validation, evaluation = ({x["template"] for x in part} for part in (task.train, task.validation, task.eval))
+    assert len(task.validation) == 40 and len(validation) >= 4 and len(evaluation) >= 10
+    assert not train & validation and not validation & evaluation and not train & evaluation
+
+
+def test_validation_holds_out_whole_templates_when_examples_carry_them(tmp_path):
+    """Tuning on problems from training templates rewards memorising them; validation must generalise like eval."""
+    from stablelora.train.config import load_config
+    from stablelora.train.run import RunError, load_task_data
+
+    rows = [{"prompt": f"p{t}-{i}", "completion": f"c{t}-{i}", "template": t} for i in range(5) for t in range(16)]
+    rows += [{"prompt": "e", "completion": "e", "template": 99}]
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows[:-1]))
+    evaluation.write_text(json.dumps(rows[-1]))
+
+    def task_for(size):
+        return load_task_data(load_config(None, ["data.dataset=jsonl", f"data.train_file={train}",
+                                                 f"data.eval_file={evaluation}", "data.format=generation",
+                                                 f"data.validation_size={size}"], output_dir=str(tmp_path)))
+
+    task = task_for(6)
+    held = {x["template"] for x in task.validation}
+    assert len(task.validation) == 6 and held == {0, 1}  # 16 // 8 templates, the first seen, ~evenly drawn
+    assert not held & {x["template"] for x in task.train} and len(task.train) == 70
+    assert "6 examples from 2 of the 16 training templates" in task.split_note
+    with pytest.raises(RunError, match="needs more than the 10 examples of the 2 of 16"):
+        task_for(11)
+
+
 def test_unknown_dataset_and_oversized_eval():
     with pytest.raises(ValueError, match="Unknown dataset 'nope'"):
         load_task("nope", eval_size=10, seed=0)

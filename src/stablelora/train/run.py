@@ -70,14 +70,34 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         raise RunError(f"data.generate=false applies to generation (math) tasks only; task '{task.name}' is "
                        f"{task.family} and is scored without generating. Remove data.generate.")
     if data.validation_size:
-        if data.validation_size >= len(task.train):
-            raise RunError(f"data.validation_size={data.validation_size} leaves no training data ({len(task.train)} "
-                           "training examples). Lower it.")
-        task.validation, task.train = task.train[: data.validation_size], task.train[data.validation_size :]
-        task.split_note += f" Validation: the first {data.validation_size} training examples, held out of training."
+        task.split_note += " " + _hold_out_validation(task, data.validation_size)
     if data.max_train_examples is not None:
         task.train = task.train[: data.max_train_examples]
     return task
+
+
+def _hold_out_validation(task: TaskData, size: int) -> str:
+    """Carve the validation split out of train and say how.
+
+    Examples that carry a "template" (GSM-Symbolic, or JSONL rows with one) are held out by whole templates, as the
+    eval split is: validation problems from training templates would reward memorising those templates, and tuning
+    on them picks ever larger learning rates while the held-out-template loss gets worse."""
+    if not task.train or "template" not in task.train[0]:
+        if size >= len(task.train):
+            raise RunError(f"data.validation_size={size} leaves no training data ({len(task.train)} training "
+                           "examples). Lower it.")
+        task.validation, task.train = task.train[:size], task.train[size:]
+        return f"Validation: the first {size} training examples, held out of training."
+    templates = list(dict.fromkeys(x["template"] for x in task.train))  # first-seen order: the seeded shuffle
+    held = set(templates[: max(1, len(templates) // 8)])
+    candidates = [x for x in task.train if x["template"] in held]
+    if size > len(candidates) or len(held) == len(templates):
+        raise RunError(f"data.validation_size={size} needs more than the {len(candidates)} examples of the "
+                       f"{len(held)} of {len(templates)} training templates held out for validation, or leaves "
+                       "no template to train on. Lower it.")
+    task.validation, task.train = candidates[:size], [x for x in task.train if x["template"] not in held]
+    return (f"Validation: {size} examples from {len(held)} of the {len(templates)} training templates, held out of "
+            "training whole, as the eval templates are.")
 
 
 class TaskPipeline:
