@@ -19,7 +19,7 @@ import yaml
 
 from stablelora.benchmark.grid import CompareError, load_compare_config, plan, run_id, setting_label
 from stablelora.benchmark.results import aggregate, plot, to_markdown
-from stablelora.benchmark.runner import _metric_key, load_records, run_grid
+from stablelora.benchmark.runner import _metric_key, check_same_split, load_records, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -153,6 +153,17 @@ def test_a_loss_only_math_eval_needs_the_metric_named(tmp_path):
     named = load_compare_config(_compare(tmp_path, metric="gsm-symbolic/answer_token_loss"))
     assert named.higher_is_better is False
     assert _metric_key(named, metrics) == ("gsm-symbolic", "answer_token_loss")
+
+
+def test_a_run_on_a_differently_split_dataset_is_not_mixed_in(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path))
+    kept = _record(cfg, "adamw", 1e-4, 0, 0.5, 0.5)
+    records = {kept["run_id"]: kept}
+    same = _record(cfg, "adamw", 1e-3, 0, 0.5, 0.5)
+    check_same_split(cfg, records, same)
+    moved = {**same, "split": "test split, validation by templates"}
+    with pytest.raises(CompareError, match="split the data differently from the kept record adamw__lr=1e-04__seed0"):
+        check_same_split(cfg, records, moved)
 
 
 def test_a_direction_that_contradicts_a_known_metric_is_refused(tmp_path):

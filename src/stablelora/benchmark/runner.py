@@ -141,6 +141,17 @@ def make_record(cfg: CompareConfig, run: PlannedRun, run_dir: Path, duration: fl
     }
 
 
+def check_same_split(cfg: CompareConfig, records: dict[str, dict], record: dict) -> None:
+    """Refuse a new run whose data split differs from the kept records' (same settings, but changed split code or
+    data package): mixing them would compare methods on different examples, and no config check can see it."""
+    other = next((r for r in records.values() if r["split"] != record["split"]), None)
+    if other is not None:
+        raise CompareError(
+            f"run {record['run_id']} split the data differently from the kept record {other['run_id']} (the split "
+            f"code or data package changed):\n  now:      {record['split']}\n  recorded: {other['split']}\n"
+            f"Its record is not kept. Use a new output_dir, or delete {cfg.records_dir} to start this comparison over.")
+
+
 def _die_with_parent() -> None:
     """In the child: ask Linux to kill it when the harness dies, so no run outlives its piece."""
     try:
@@ -232,6 +243,7 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
             log(f"[{position}/{total}] {run.method} ({run.role}) {setting_label(run.setting)} seed {run.seed}: "
                 f"started, elapsed {_fmt_duration(elapsed)}{eta}")
             record = execute(cfg, run)
+            check_same_split(cfg, records, record)
             write_json(cfg.records_dir / f"{run.run_id}.json", record)
             records[run.run_id] = record
             ran.append(record["run_seconds"])
