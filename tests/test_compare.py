@@ -61,7 +61,8 @@ def _record(cfg, method: str, lr: float, seed: int, validation: float, test: flo
             "train_wall_seconds": wall, "run_seconds": wall + 5, "train_tokens": 100, "tokens_per_second": 100 / wall,
             "peak_memory_bytes": 2**30, "peak_memory_kind": "process max RSS", "optimizer_state_bytes": 1000,
             "stable_lora": stops, "split": "test split", "model": "m", "overrides": overrides,
-            "base_config_sha256": cfg.base_config_sha256, "versions": {"torch": "2.13.0+cpu"}, "machine": {"cpu_count": 2}}
+            "base_config_sha256": cfg.base_config_sha256, "versions": {"torch": "2.13.0+cpu"},
+            "machine": {"cpu_count": 2}}
 
 
 def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_path):
@@ -223,6 +224,15 @@ def test_extends_inherits_a_grid_and_changes_what_it_names(tmp_path):
     assert cfg.base_config == (tmp_path / "base.yaml").resolve()  # resolved against the parent that names it
     assert cfg.overrides == {"data.max_length": 64, "data.eval_size": 16}
     assert cfg.seeds == [0, 1] and list(cfg.methods) == ["adamw", "stable-lora"] and cfg.output_dir.name == "wide"
+    _write(child, {"extends": "../compare.yaml", "output_dir": str(tmp_path / "wide"),
+                   "methods": {"stable-lora": {"learning_rates": [1e-3, 2e-3]}, "lora+": {"set": {
+                       "method.optimizer": "lora+"}}}})
+    cfg = load_compare_config(child)  # a method restated only by what changes; a new one appended
+    assert list(cfg.methods) == ["adamw", "stable-lora", "lora+"]
+    assert cfg.methods["stable-lora"].settings_fixed == {"method.optimizer": "stable-lora",
+                                                         "method.shrink_ratio": 0.002}
+    assert cfg.methods["stable-lora"].tuned["training.learning_rate"] == [1e-3, 2e-3]
+    assert cfg.methods["adamw"].tuned["training.learning_rate"] == [1e-4, 1e-3]
     _write(parent, {"extends": "child/wide.yaml"})
     with pytest.raises(CompareError, match="loops back"):
         load_compare_config(child)

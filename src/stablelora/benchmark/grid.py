@@ -165,6 +165,15 @@ def _read_compare_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     parent = _read_compare_yaml((path.parent / parent_name).resolve(), (*chain, path.resolve()))
     merged = {**parent, **data}
     merged["overrides"] = {**(parent.get("overrides") or {}), **(data.get("overrides") or {})}
+    # a task config restates only what it changes of an inherited method (e.g. its learning_rates for a task whose
+    # best rates lie elsewhere); methods it names that the parent lacks are added after the parent's
+    parent_methods, own_methods = parent.get("methods") or {}, data.get("methods") or {}
+    if isinstance(parent_methods, dict) and isinstance(own_methods, dict) and own_methods:
+        merged["methods"] = {**parent_methods}
+        for name, spec in own_methods.items():
+            inherited = parent_methods.get(name)
+            both_maps = isinstance(inherited, dict) and isinstance(spec, dict)
+            merged["methods"][name] = {**inherited, **spec} if both_maps else spec
     return merged
 
 
