@@ -88,7 +88,8 @@ def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_
     assert all(r.overrides["training.learning_rate"] == 1e-3 for r in variant)
 
 
-def test_aggregation_maths_on_hand_made_records(tmp_path):
+def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = load_compare_config(_compare(tmp_path))
     stops = {"layers": 2, "stopped": 1, "stop_steps_by_module": {"q_proj": [4], "v_proj": [None]}}
     rows = [("adamw", 1e-4, 0, 0.70, 0.60), ("adamw", 1e-3, 0, 0.60, 0.99), ("adamw", 1e-4, 1, None, 0.62),
@@ -126,6 +127,9 @@ def test_aggregation_maths_on_hand_made_records(tmp_path):
     assert "INCOMPLETE" in text and "| ablation" not in text and "## ablation" in text
     assert "paired difference against `adamw`" in text and "{" not in text.split("## Test")[0]
     assert "- Versions: torch 2.13.0+cpu. Machine: cpu_count 2." in text
+    assert "| no stop rule | stable-lora | method.stop_rule=False | lr=1e-03 |" in text
+    assert "| stable-lora (the method itself) | | method.optimizer=stable-lora, method.shrink_ratio=0.002 |" in text
+    assert result["base_config"] == "base.yaml"  # relative to the working directory: the same file on any checkout
     assert "stop_steps.png" in plot(result, records, tmp_path / "plots")  # stopped q_proj layers; v_proj never
 
 

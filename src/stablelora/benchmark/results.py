@@ -18,6 +18,15 @@ from stablelora.reporting.stats import paired_difference, summarise
 COSTS = ("train_wall_seconds", "tokens_per_second", "peak_memory_bytes", "optimizer_state_bytes")
 
 
+def _as_given(path: Path) -> str:
+    """A path relative to the working directory where it lies inside it, so that a results file written on one machine
+    names the same file on another checkout (the compare config's own path is recorded as it was given)."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _final_records(cfg: CompareConfig, records: dict[str, dict], name: str, label: str) -> list[dict]:
     return sorted((r for r in records.values() if r["method"] == name and r["setting_label"] == label
                    and r["seed"] in cfg.seeds), key=lambda r: r["seed"])
@@ -118,7 +127,7 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
                                   "setting": label, **_entry(cfg, runs, baseline)}
     any_record = next(iter(records.values()), {})
     return {
-        "config": str(cfg.path), "description": cfg.description, "base_config": str(cfg.base_config),
+        "config": str(cfg.path), "description": cfg.description, "base_config": _as_given(cfg.base_config),
         "done": len(records), "total": cfg.total_runs(), "complete": len(records) >= cfg.total_runs(),
         "metric": any_record.get("metric", cfg.metric), "higher_is_better": cfg.higher_is_better,
         "baseline": cfg.baseline, "seeds": cfg.seeds, "tune_seeds": cfg.tune_seeds,
@@ -148,6 +157,11 @@ def _best(result: dict, summary: dict | None) -> str:
     if not summary:
         return "–"
     return f"{summary['max' if result['higher_is_better'] else 'min']:.4f}"
+
+
+def _assignments(mapping: dict) -> str:
+    """Config overrides as they would be written on a command line: `method.shrink_ratio=0.0005`."""
+    return ", ".join(f"{key}={value}" for key, value in mapping.items())
 
 
 def _key_values(mapping: dict | None) -> str:
@@ -196,9 +210,9 @@ def to_markdown(result: dict, command: str) -> str:
             if v["of"] not in shown:
                 shown.add(v["of"])
                 m = result["methods"][v["of"]]
-                lines.append(f"| {v['of']} (the method itself) | | {m['fixed']} | {m['chosen']} | {_pm(m['test'])} "
+                lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} | {m['chosen']} | {_pm(m['test'])} "
                              f"| {_best(result, m['test'])} | {_delta(m)} |")
-            lines.append(f"| {name} | {v['of']} | {v['changes']} | {v['setting'] or 'waiting'} | {_pm(v['test'])} "
+            lines.append(f"| {name} | {v['of']} | {_assignments(v['changes'])} | {v['setting'] or 'waiting'} | {_pm(v['test'])} "
                          f"| {_best(result, v['test'])} | {_delta(v)} |")
     everything = {**result["methods"], **result["variants"]}
     lines += ["", f"## Cost relative to `{result['baseline']}` (means over the same runs)", "",
