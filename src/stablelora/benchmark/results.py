@@ -210,10 +210,10 @@ def to_markdown(result: dict, command: str) -> str:
             if v["of"] not in shown:
                 shown.add(v["of"])
                 m = result["methods"][v["of"]]
-                lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} | {m['chosen']} | {_pm(m['test'])} "
-                             f"| {_best(result, m['test'])} | {_delta(m)} |")
-            lines.append(f"| {name} | {v['of']} | {_assignments(v['changes'])} | {v['setting'] or 'waiting'} | {_pm(v['test'])} "
-                         f"| {_best(result, v['test'])} | {_delta(v)} |")
+                lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} | {m['chosen']} "
+                             f"| {_pm(m['test'])} | {_best(result, m['test'])} | {_delta(m)} |")
+            lines.append(f"| {name} | {v['of']} | {_assignments(v['changes'])} | {v['setting'] or 'waiting'} "
+                         f"| {_pm(v['test'])} | {_best(result, v['test'])} | {_delta(v)} |")
     everything = {**result["methods"], **result["variants"]}
     lines += ["", f"## Cost relative to `{result['baseline']}` (means over the same runs)", "",
               "| method | train wall s | × | tokens/s | × | peak memory MiB | × | optimizer state MiB | × |",
