@@ -60,8 +60,11 @@ def test_validation_holds_out_whole_templates_when_examples_carry_them(tmp_path)
     assert len(task.validation) == 6 and held == {0, 1}  # 16 // 8 templates, the first seen, ~evenly drawn
     assert not held & {x["template"] for x in task.train} and len(task.train) == 70
     assert "6 examples from 2 of the 16 training templates" in task.split_note
-    with pytest.raises(RunError, match="needs more than the 10 examples of the 2 of 16"):
+    with pytest.raises(RunError, match="needs more than the 10 examples of the 2 of 16 .* Lower it to 10 or less"):
         task_for(11)
+    train.write_text("\n".join(json.dumps(r) for r in rows[:-1] if r["template"] == 3))
+    with pytest.raises(RunError, match="come from 1 template, and validation holds out whole templates"):
+        task_for(2)
 
 
 def test_unknown_dataset_and_oversized_eval():

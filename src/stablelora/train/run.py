@@ -89,12 +89,16 @@ def _hold_out_validation(task: TaskData, size: int) -> str:
         task.validation, task.train = task.train[:size], task.train[size:]
         return f"Validation: the first {size} training examples, held out of training."
     templates = list(dict.fromkeys(x["template"] for x in task.train))  # first-seen order: the seeded shuffle
+    if len(templates) < 2:
+        raise RunError(f"data.validation_size={size}: the training examples come from {len(templates)} template, and "
+                       "validation holds out whole templates, so none would be left to train on. Give the training "
+                       "file examples from more templates, or drop the 'template' field to hold out single examples.")
     held = set(templates[: max(1, len(templates) // 8)])
     candidates = [x for x in task.train if x["template"] in held]
-    if size > len(candidates) or len(held) == len(templates):
+    if size > len(candidates):
         raise RunError(f"data.validation_size={size} needs more than the {len(candidates)} examples of the "
-                       f"{len(held)} of {len(templates)} training templates held out for validation, or leaves "
-                       "no template to train on. Lower it.")
+                       f"{len(held)} of {len(templates)} training templates held out for validation. Lower it to "
+                       f"{len(candidates)} or less.")
     task.validation, task.train = candidates[:size], [x for x in task.train if x["template"] not in held]
     return (f"Validation: {size} examples from {len(held)} of the {len(templates)} training templates, held out of "
             "training whole, as the eval templates are.")
