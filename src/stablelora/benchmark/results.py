@@ -18,7 +18,7 @@ from stablelora.reporting.stats import paired_difference, summarise
 COSTS = ("train_wall_seconds", "tokens_per_second", "peak_memory_bytes", "optimizer_state_bytes")
 
 
-def _as_given(path: Path) -> str:
+def _relative_to_working_dir(path: Path) -> str:
     """A path relative to the working directory where it lies inside it, so that a results file written on one machine
     names the same file on another checkout (the compare config's own path is recorded as it was given)."""
     try:
@@ -127,7 +127,8 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
                                   "setting": label, **_entry(cfg, runs, baseline)}
     any_record = next(iter(records.values()), {})
     return {
-        "config": str(cfg.path), "description": cfg.description, "base_config": _as_given(cfg.base_config),
+        "config": str(cfg.path), "description": cfg.description,
+        "base_config": _relative_to_working_dir(cfg.base_config),
         "done": len(records), "total": cfg.total_runs(), "complete": len(records) >= cfg.total_runs(),
         "metric": any_record.get("metric", cfg.metric), "higher_is_better": cfg.higher_is_better,
         "baseline": cfg.baseline, "seeds": cfg.seeds, "tune_seeds": cfg.tune_seeds,
