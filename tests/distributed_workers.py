@@ -18,12 +18,22 @@ def global_batches(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(1, 64, (GLOBAL_BATCH, 10), generator=g) for _ in range(STEPS)]
 
 
-def train(model, opt, batches, rank: int = 0, world: int = 1, start: int = 0, stop: int = STEPS) -> None:
+def train(model, opt, batches, rank: int = 0, world: int = 1, start: int = 0, stop: int = STEPS) -> list[int]:
+    """Train; returns, per step, how many layers the host still tracks, checked equal on every rank (ranks that
+    disagree would all-reduce norm vectors of different lengths)."""
+    opt.HOST_CHECK_EVERY = 3  # a short cadence, so membership changes several times within the run
+    tracked = []
     for ids in batches[start:stop]:
         local = ids.chunk(world)[rank]
         opt.zero_grad()
         model(input_ids=local, labels=local).loss.backward()
         opt.step()
+        tracked.append(len(opt._shrinking_layers))
+    if world > 1:
+        every_rank = [None] * world
+        dist.all_gather_object(every_rank, tracked)
+        assert all(t == tracked for t in every_rank), every_rank
+    return tracked
 
 
 def single_process_reference() -> dict:
@@ -45,9 +55,9 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     _init(rank, world, port)
     model = DistributedDataParallel(tiny_llama_peft())
     opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=SHRINK, lr=LR)
-    train(model, opt, global_batches(), rank, world)
+    tracked = train(model, opt, global_batches(), rank, world)
     if rank == 0:
-        torch.save({"params": {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()
+        torch.save({"tracked": tracked, "params": {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()
                                if p.requires_grad},
                     "stops": [s.stop_step for s in opt.stable_lora_status()],
                     "names": [s.name for s in opt.stable_lora_status()]}, out)
@@ -85,12 +95,13 @@ def fsdp2_worker(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
     model = _fsdp2_model(world)
     opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=SHRINK, lr=LR)
     local_shapes = {tuple(p.to_local().shape) for n, p in model.named_parameters() if "lora_A" in n}
-    train(model, opt, batches, rank, world, 0, half)
+    tracked = train(model, opt, batches, rank, world, 0, half)
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt)
     at_half = [s.stop_step for s in opt.stable_lora_status()]
-    train(model, opt, batches, rank, world, half, STEPS)
-    straight = {"params": _full_params(model), "stops": [s.stop_step for s in opt.stable_lora_status()]}
+    tracked += train(model, opt, batches, rank, world, half, STEPS)
+    straight = {"params": _full_params(model), "stops": [s.stop_step for s in opt.stable_lora_status()],
+                "tracked": tracked}
 
     resumed = _fsdp2_model(world)
     with torch.no_grad():  # the adapter must come from the checkpoint
@@ -109,3 +120,62 @@ def fsdp2_worker(rank: int, world: int, port: int, out: str, ckpt: str) -> None:
         torch.save({"straight": straight, "resumed": again, "at_half": at_half, "after_load": after_load,
                     "local_shapes": sorted(local_shapes)}, out)
     dist.destroy_process_group()
+
+
+def _let_accelerate_use_fsdp_on_cpu() -> None:
+    """Accelerate never upgrades a multi-CPU (gloo) state to FSDP, although FSDP2 itself runs on CPU. This is the
+    one patch: a MULTI_CPU state given an FSDP plugin becomes FSDP, so Trainer takes its real FSDP2 path
+    (optimizer built first, then ``fully_shard`` and Accelerate's parameter swap)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+TRAINER_STEPS, TRAINER_BATCH = 16, 8
+
+
+def trainer_worker(rank: int, world: int, port: int, out: str) -> None:
+    """HF Trainer + the factory + StabilityMonitor, as a user writes it; FSDP2 through Accelerate when world > 1."""
+    from transformers import Trainer, TrainingArguments
+
+    from stablelora import StableLoRAOptimizerFactory
+    from stablelora.diagnostics.monitor import StabilityMonitor
+    from stablelora.train.data import CausalCollator, ListDataset
+    from tiny import token_items
+
+    args = dict(output_dir=f"{out}.trainer", max_steps=TRAINER_STEPS, per_device_train_batch_size=TRAINER_BATCH // world,
+                learning_rate=LR, seed=0, use_cpu=True, report_to="none", logging_steps=1,
+                remove_unused_columns=False, disable_tqdm=True, save_strategy="no")
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        _let_accelerate_use_fsdp_on_cpu()
+        args.update(fsdp="full_shard", fsdp_config={"version": 2,
+                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    model = tiny_llama_peft()
+    collate = CausalCollator(0)
+    monitor = StabilityMonitor(model, collate(token_items(2, seed=5)), every=4)
+    trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=ListDataset(token_items(8 * 16)),
+                      data_collator=collate, callbacks=[monitor],
+                      optimizer_cls_and_kwargs=(StableLoRAOptimizerFactory,
+                                                {"lr": LR, "weight_decay": 0.01, "shrink_ratio": SHRINK}))
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    lora = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save({"params": lora, "stops": [s.stop_step for s in optimizer.stable_lora_status()],
+                    "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                    "sharded": type(optimizer.param_groups[0]["params"][0]).__name__,
+                    "monitor": [[(l["a_norm"], l["b_norm"], l.get("delta1"), l.get("shrinking")) for l in r["layers"]]
+                                for r in monitor.records]}, out)
+    if world > 1:
+        dist.destroy_process_group()

@@ -33,6 +33,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path, reference):
     stops = reference["stops"]
     assert any(s is not None for s in stops) and len({s for s in stops if s}) >= 2, stops
     assert got["stops"] == stops
+    assert got["tracked"][-1] < got["tracked"][0]  # layers left the buckets, on the same step on both ranks
     assert all(not n.startswith("module.") for n in got["names"])  # DDP's prefix is not shown
     _close(got["params"], reference["params"])
 
@@ -43,6 +44,7 @@ def test_fsdp2_equals_single_process_and_resumes_exactly(tmp_path, reference):
     got = torch.load(out, weights_only=True)
     assert (2, 32) in [tuple(s) for s in got["local_shapes"]]  # A (4 x 32) really is sharded over 2 ranks
     assert got["straight"]["stops"] == reference["stops"]
+    assert got["straight"]["tracked"][-1] < got["straight"]["tracked"][0]
     _close(got["straight"]["params"], reference["params"])
     assert got["after_load"] == got["at_half"]  # flags and stop steps restored from the DCP checkpoint
     assert got["resumed"]["stops"] == got["straight"]["stops"]
@@ -73,3 +75,21 @@ def test_fsdp1_is_refused_with_the_alternative():
     model.add_module("fsdp1", wrapper)
     with pytest.raises(ValueError, match=r"FSDP1 \(use_orig_params=True\).*Use FSDP2"):
         create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=1e-3)
+
+
+def test_trainer_with_the_factory_under_accelerate_fsdp2_matches_one_process(tmp_path):
+    """The path users take: Trainer builds the optimizer (factory), Accelerate shards the model with FSDP2 and swaps
+    the optimizer's parameters for DTensors. Two gloo processes must train exactly as one, stop steps included."""
+    single, sharded = tmp_path / "one.pt", tmp_path / "two.pt"
+    w.trainer_worker(0, 1, 0, str(single))
+    mp.spawn(w.trainer_worker, args=(2, _free_port(), str(sharded)), nprocs=2)
+    one, two = torch.load(single, weights_only=True), torch.load(sharded, weights_only=True)
+    assert two["sharded"] == "DTensor" and one["sharded"] == "Parameter"
+    stops = one["stops"]
+    assert all(s is not None for s in stops) and len(set(stops)) >= 2, stops
+    assert two["stops"] == stops
+    assert torch.allclose(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5)
+    _close(two["params"], one["params"])
+    assert len(two["monitor"]) == len(one["monitor"]) == w.TRAINER_STEPS // 4
+    assert torch.allclose(torch.tensor(two["monitor"], dtype=torch.float64),
+                          torch.tensor(one["monitor"], dtype=torch.float64), rtol=1e-4, atol=1e-6)

@@ -280,7 +280,9 @@ def test_dora_magnitude_and_modules_to_save_train_without_shrink():
     assert any("lora_magnitude_vector" in n for n in changed) and any("modules_to_save" in n for n in changed)
 
 
-def test_all_stopped_costs_nothing_and_matches_base_step():
+def test_stopped_layers_leave_at_a_fixed_cadence_then_step_is_the_base_step():
+    """The host drops a layer at the second check after it stopped (it reads the mask copied one check earlier):
+    the same step on every rank. Until then the stopped layer's factor is exactly 1."""
     model = tiny_peft_model(embedding=False)
     with torch.no_grad():  # big B: every layer meets the stop rule on the first step
         for pair in find_lora_pairs(model):
@@ -288,10 +290,11 @@ def test_all_stopped_costs_nothing_and_matches_base_step():
     base_model = copy.deepcopy(model)
     opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
     base = torch.optim.AdamW([p for p in base_model.parameters() if p.requires_grad], **ADAMW)
-    for batch in batches(5):
+    every = opt.HOST_CHECK_EVERY
+    for t, batch in enumerate(batches(2 * every + 3), start=1):
         train_step(model, opt, batch)
         train_step(base_model, base, batch)
-    assert opt.all_stopped
+        assert opt.all_stopped == (t >= 2 * every), t
     assert [s.stop_step for s in opt.stable_lora_status()] == [1, 1, 1]
     assert_same_params(model, base_model)
 
@@ -406,3 +409,97 @@ def test_error_closure_required_optimizer_and_non_optimizer():
         create_stablelora_optimizer(tiny_peft_model(), torch.optim.LBFGS, shrink_ratio=0.001)
     with pytest.raises(TypeError, match="torch.optim.Optimizer subclass"):
         create_stablelora_optimizer(tiny_peft_model(), dict, shrink_ratio=0.001)
+
+
+def _swap_like_accelerate_fsdp2(opt: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module) -> None:
+    """What Accelerate's ``_prepare_fsdp2`` does to an optimizer built before sharding: every parameter becomes a
+    placeholder that remembers the old data_ptr, then ``fsdp2_switch_optimizer_parameters`` puts the new one in."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    new_by_name = dict(new_model.named_parameters())
+    mapping = {p.data_ptr(): new_by_name[n] for n, p in old_model.named_parameters()}
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            placeholder = torch.empty(1, dtype=p.dtype)
+            placeholder.data_ptr = p.data_ptr()
+            group["params"][i] = placeholder
+    fsdp2_switch_optimizer_parameters(opt, mapping)
+
+
+def test_follows_accelerate_fsdp2_parameter_swap():
+    """Trainer + Accelerate FSDP2 build the optimizer, then swap every parameter for a new tensor. The shrink must
+    act on the parameters the optimizer steps, and state_dict must still work."""
+    built_on, trained, ref_model = tiny_peft_model(), tiny_peft_model(), tiny_peft_model()
+    opt = create_stablelora_optimizer(built_on, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
+    _swap_like_accelerate_fsdp2(opt, built_on, trained)
+    ref = ReferenceStableLoRA(ref_model, torch.optim.AdamW(
+        [p for p in ref_model.parameters() if p.requires_grad], **ADAMW), LAMBDA)
+    for batch in batches(60):
+        train_step(trained, opt, batch)
+        train_step(ref_model, ref, batch)
+    assert_same_params(trained, ref_model)
+    assert [s.stop_step for s in opt.stable_lora_status()] == list(ref.stop_step.values())
+    assert any(s is not None for s in ref.stop_step.values())
+    resumed = copy.deepcopy(trained)
+    again = create_stablelora_optimizer(resumed, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
+    again.load_state_dict(opt.state_dict())
+    assert again.stable_lora_status() == opt.stable_lora_status()
+
+
+def test_a_factor_gone_from_param_groups_is_an_error_naming_it():
+    model = tiny_peft_model(embedding=False)
+    opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
+    train_step(model, opt, batches(1)[0])
+    opt.param_groups[0]["params"] = opt.param_groups[0]["params"][:2]
+    with pytest.raises(RuntimeError, match=r"mid\[default\].lora_A is no longer at its place.*build the optimizer after"):
+        train_step(model, opt, batches(1)[0])
+
+
+def _scaled_step(model, opt, scaler, batch, poison: bool) -> None:
+    ids, target = batch
+    opt.zero_grad()
+    scaler.scale(nn.functional.mse_loss(model(ids), target)).backward()
+    if poison:  # an fp16 overflow: one inf in one gradient
+        next(p for p in model.parameters() if p.requires_grad).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_the_grad_scaler_skips_neither_shrinks_nor_counts(fused):
+    """Fused optimizers get found_inf and skip on the device; non-fused ones are not called. Either way the step
+    did not happen: A unchanged, no step counted, and afterwards the run equals one that never saw that batch."""
+    model, ref_model = tiny_peft_model(), tiny_peft_model()
+    opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, fused=fused, **ADAMW)
+    ref = create_stablelora_optimizer(ref_model, torch.optim.AdamW, shrink_ratio=LAMBDA, fused=fused, **ADAMW)
+    # the skipped step halves the scale (backoff 0.5), so the reference starts at the halved scale
+    scaler, ref_scaler = torch.amp.GradScaler("cpu", init_scale=1.0), torch.amp.GradScaler("cpu", init_scale=0.5)
+    data = batches(8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _scaled_step(model, opt, scaler, data[0], poison=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert all(s.shrink_steps == 0 and s.shrinking for s in opt.stable_lora_status())
+    for batch in data[1:]:
+        _scaled_step(model, opt, scaler, batch, poison=False)
+        _scaled_step(ref_model, ref, ref_scaler, batch, poison=False)
+    assert_same_params(model, ref_model)
+    assert opt.stable_lora_status() == ref.stable_lora_status()
+    assert all(s.shrink_steps == 7 for s in opt.stable_lora_status() if s.shrinking)
+
+
+def test_a_layer_without_gradient_is_left_alone_like_the_base_optimizer_leaves_it():
+    """An unrouted MoE expert or idle adapter gets no gradient: AdamW skips it, and so does the shrink."""
+    model = tiny_peft_model(embedding=False)
+    opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
+    idle = find_lora_pairs(model)[1]
+    idle_before = (idle.lora_A.detach().clone(), idle.lora_B.detach().clone())
+    for ids, target in batches(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(ids), target).backward()
+        idle.lora_A.grad = idle.lora_B.grad = None
+        opt.step()
+    assert torch.equal(idle.lora_A, idle_before[0]) and torch.equal(idle.lora_B, idle_before[1])
+    status = {s.name: s for s in opt.stable_lora_status()}
+    assert status[idle.name].shrink_steps == 0 and status[idle.name].shrinking
+    assert all(s.shrink_steps == 5 for n, s in status.items() if n != idle.name)

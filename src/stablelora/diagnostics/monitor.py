@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from stablelora.optim.pairs import find_lora_pairs
+from stablelora.optim.pairs import LoraPair, find_lora_pairs
+
 
 def module_type(module_name: str) -> str:
     """'model.layers.3.self_attn.q_proj' -> 'q_proj'; 'encoder.layer.0.attention.output.dense' -> 'attention.output.dense'."""
@@ -36,6 +37,12 @@ def module_type(module_name: str) -> str:
     if len(parts) >= 2 and parts[-1] == "dense":  # BERT-style names: the parent says which dense it is
         return ".".join(parts[-3:] if len(parts) >= 3 and parts[-3] == "attention" else parts[-2:])
     return parts[-1] if parts else module_name
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached: gathered from all ranks when FSDP2 shards it (every rank must call this)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -50,25 +57,29 @@ class StabilityMonitor(TrainerCallback):
         if every < 1:
             raise ValueError(f"StabilityMonitor: every must be >= 1, got {every}.")
         self.model = model
-        self.pairs = find_lora_pairs(model)
+        find_lora_pairs(model)  # fail now, not at the first monitored step, if the model has no trainable LoRA
         self.every = every
         self.probe = {k: v for k, v in probe_batch.items() if k != "labels"}
         self.max_probe_tokens = max_probe_tokens
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.records: list[dict] = []
-        self._snapshot: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._writer = None
-        # the LoRA layer (for its input) and scaling s of every pair, found by parameter identity
+
+    def _layers(self) -> list[tuple[LoraPair, nn.Module, float]]:
+        """Each LoRA pair with its layer (for its input) and scaling s, found afresh in the model: FSDP2 and other
+        wrappers replace the parameters after the monitor is built, so none is kept between steps."""
         owner = {}
-        for module in model.modules():
+        for module in self.model.modules():
             for adapter, weights in list(getattr(module, "lora_A", {}).items()):
                 owner[id(weights.weight)] = (module, adapter)
             for adapter, weight in list(getattr(module, "lora_embedding_A", {}).items()):
                 owner[id(weight)] = (module, adapter)
-        self._scaling = {}
-        for pair in self.pairs:
+        layers = []
+        for pair in find_lora_pairs(self.model):
             module, adapter = owner[id(pair.lora_A)]
-            self._scaling[id(pair.lora_A)] = (module, float(module.scaling[adapter]))
+            layers.append((pair, module, float(module.scaling[adapter])))
+        return layers
 
     # ------------------------------------------------------------------ plain-loop API
     def due(self, step: int) -> bool:
@@ -80,12 +91,12 @@ class StabilityMonitor(TrainerCallback):
         if not self.due(step):
             self._snapshot = None
             return
-        inputs: dict[int, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
         hooks = []
-        for pair in self.pairs:
-            module = self._scaling[id(pair.lora_A)][0]
+        layers = self._layers()
+        for pair, module, _ in layers:
 
-            def capture(mod, args, key=id(pair.lora_A)):
+            def capture(mod, args, key=pair.name):
                 x = args[0].detach()
                 inputs[key] = x.reshape(-1, x.shape[-1])[: self.max_probe_tokens]
 
@@ -99,8 +110,8 @@ class StabilityMonitor(TrainerCallback):
             for h in hooks:
                 h.remove()
             self.model.train(was_training)
-        self._snapshot = {id(p.lora_A): (p.lora_A.detach().clone(), p.lora_B.detach().clone(),
-                                         inputs.get(id(p.lora_A))) for p in self.pairs}
+        self._snapshot = {pair.name: (_full(pair.lora_A).clone(), _full(pair.lora_B).clone(), inputs.get(pair.name))
+                          for pair, _, _ in layers}
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer=None) -> dict | None:
@@ -112,10 +123,9 @@ class StabilityMonitor(TrainerCallback):
         if inner is not None and hasattr(inner, "stable_lora_status"):
             status = {s.name: s for s in inner.stable_lora_status()}
         layers = []
-        for pair in self.pairs:
-            a0, b0, x = self._snapshot[id(pair.lora_A)]
-            scale = self._scaling[id(pair.lora_A)][1]
-            a1, b1 = pair.lora_A.detach(), pair.lora_B.detach()
+        for pair, _, scale in self._layers():
+            a0, b0, x = self._snapshot[pair.name]
+            a1, b1 = _full(pair.lora_A), _full(pair.lora_B)
             layer = {
                 "name": pair.name, "type": module_type(pair.module_name),
                 "in": pair.in_features, "out": pair.out_features,

@@ -4,16 +4,22 @@ Once per ``optimizer.step()`` and before the base optimizer's update, for every 
 stop for good if ``||A||_F < (in/out) * ||B||_F`` (no shrink that step), else ``A <- (1 - shrink_ratio) * A``.
 Then the base optimizer steps as usual on every parameter.
 
-How it stays cheap and exact:
+How it stays exact where users train:
+- The factors are found in ``param_groups`` at step time, by the position they had when the optimizer was built.
+  Accelerate's FSDP2 builds the optimizer first and then swaps every parameter for its sharded DTensor in place;
+  the shrink follows the swap instead of scaling tensors nobody trains.
+- A step the base optimizer does not take is not a Stable-LoRA step either: when a GradScaler finds inf/NaN
+  gradients (fused optimizers get ``found_inf`` and skip on the device) nothing is shrunk, stopped or counted, and
+  a layer whose A got no gradient this step (an unrouted expert, an idle adapter) is left alone, as torch
+  optimizers leave parameters without a gradient alone.
 - Norms of all tracked layers come from two batched ``torch._foreach_norm`` calls; the stop decision and the shrink
-  factor are device-side masks, so a GPU step never waits for the host.
-- The host learns which layers stopped from a copy of the mask made without blocking (read on CPU at once, on an
-  accelerator one or more steps later); it then drops them from the batch. A stale host view only keeps a stopped
-  layer in the batch, where its factor is exactly 1.0, so results never depend on when the host catches up.
-- Once every layer has stopped, ``step()`` is the base optimizer's step plus one attribute check.
+  factor are device-side masks, so a step never waits for the device.
+- Every ``HOST_CHECK_EVERY`` steps the host takes the mask it copied (without blocking) at the previous check and
+  drops the layers stopped in it. The cadence is fixed, so every rank changes membership at the same step; a
+  stopped layer still in a bucket has factor exactly 1.0, so results never depend on when it is dropped.
+  Once every layer is dropped, ``step()`` is the base optimizer's step plus one attribute check.
 - The per-layer state (shrinking flag, number of steps taken while shrinking) is saved per A in
-  ``state_dict()["state"]`` as tensors, so it round-trips through ``state_dict()``/``load_state_dict()``: a layer
-  that stopped stays stopped after a resume (the authors' code loses this and re-checks every layer).
+  ``state_dict()["state"]`` as tensors, so a layer that stopped stays stopped after a resume.
 """
 
 from __future__ import annotations
@@ -72,66 +78,72 @@ def _check_shrink_ratio(value: Any, where: str) -> float:
 class _Bucket:
     """The tracked layers that share device, dtype and sharding, with their state gathered into vectors."""
 
-    def __init__(self, layer_state: dict[int, dict[str, torch.Tensor]], pairs: list[LoraPair],
-                 keep_factors: list[float], groups: tuple, stop_rule: bool):
-        self.pairs = pairs
+    def __init__(self, layers: list[int], factors: list[tuple[torch.Tensor, torch.Tensor]],
+                 layer_state: list[dict[str, torch.Tensor]], keep_factors: list[float], stop_rule: bool):
+        self.layers = layers  # indices into the optimizer's pair list
         self.stop_rule = stop_rule
+        self.groups = shard_groups(factors[0][0])
+        self.params_A = [a for a, _ in factors]  # the parameters themselves: their .grad says who steps
         # local shards (the tensors themselves without FSDP2); shapes below are global (DTensor.numel())
-        self.lora_A = [local_tensor(p.lora_A) for p in pairs]
-        self.lora_B = [local_tensor(p.lora_B) for p in pairs]
-        self.groups = groups
-        device, dtype = self.lora_A[0].device, self.lora_A[0].dtype
+        self.lora_A = [local_tensor(a) for a, _ in factors]
+        self.lora_B = [local_tensor(b) for _, b in factors]
+        self.device, dtype = self.lora_A[0].device, self.lora_A[0].dtype
         # numel(A)/numel(B) = in/out, the reference's own form of the threshold, computed on the global shapes.
-        self.ratio = torch.tensor([p.lora_A.numel() / p.lora_B.numel() for p in pairs], device=device)
+        self.ratio = torch.tensor([a.numel() / b.numel() for a, b in factors], device=self.device)
         # 1 - shrink_ratio is formed in double on the host and rounded once, as `A.mul_(1 - shrink_ratio)` does.
-        self.keep = torch.tensor(keep_factors, dtype=dtype, device=device)
-        states = [layer_state[id(p.lora_A)] for p in pairs]
+        self.keep = torch.tensor(keep_factors, dtype=dtype, device=self.device)
+        states = [layer_state[i] for i in layers]
         # The vectors are the working storage; each layer's entries become views into them, so per-layer state is
         # current without any per-layer copy.
-        self.shrinking = torch.stack([s[SHRINKING_KEY] for s in states])
-        self.shrink_steps = torch.stack([s[SHRINK_STEPS_KEY] for s in states])
+        self.shrinking = torch.stack([s[SHRINKING_KEY].to(self.device) for s in states])
+        self.shrink_steps = torch.stack([s[SHRINK_STEPS_KEY].to(self.device) for s in states])
         for i, s in enumerate(states):
             s[SHRINKING_KEY] = self.shrinking[i]
             s[SHRINK_STEPS_KEY] = self.shrink_steps[i]
-        self._host_mask: torch.Tensor | None = None
-        self._copy_done: Any = None
+        self._posted_mask: torch.Tensor | None = None
+        self._posted_event: torch.Event | None = None
 
-    def shrink(self) -> None:
+    def shrink(self, acting: torch.Tensor | None) -> None:
+        """One step: ``acting`` masks the layers the base optimizer updates this step (None: all of them)."""
+        active = self.shrinking if acting is None else self.shrinking & acting
         if self.stop_rule:
-            self._apply_stop_rule()
-        self.shrink_steps.add_(self.shrinking)
-        factors = torch.where(self.shrinking, self.keep, 1.0)
-        torch._foreach_mul_(self.lora_A, list(factors.unbind(0)))
-        self._post_mask()
-
-    def _apply_stop_rule(self) -> None:
-        if self.groups:
-            norms = global_norms(self.lora_A + self.lora_B, self.groups)
-            norms_a, norms_b = norms[: len(self.lora_A)], norms[len(self.lora_A) :]
-        else:
-            norms_a = torch.stack(torch._foreach_norm(self.lora_A))
-            norms_b = torch.stack(torch._foreach_norm(self.lora_B))
-        self.shrinking.logical_and_(~(norms_a < self.ratio * norms_b))
+            stop_now = active & (self._norms_a() < self.ratio * self._norms_b())
+            self.shrinking.logical_and_(~stop_now)
+            active = active & ~stop_now
+        self.shrink_steps.add_(active)
+        torch._foreach_mul_(self.lora_A, list(torch.where(active, self.keep, 1.0).unbind(0)))
         check_replicas(self.shrinking)
 
-    def _post_mask(self) -> None:
-        """Start copying the mask to the host without blocking (on CPU this is just a read)."""
-        if self.shrinking.device.type == "cpu" or self._copy_done is not None:
-            return
-        if self._host_mask is None:
-            self._host_mask = torch.empty(self.shrinking.shape, dtype=torch.bool, pin_memory=True)
-        self._host_mask.copy_(self.shrinking, non_blocking=True)
-        self._copy_done = torch.Event(device=self.shrinking.device)
-        self._copy_done.record()
+    def _norms_a(self) -> torch.Tensor:
+        if self.groups:
+            return global_norms(self.lora_A, self.groups)
+        return torch.stack(torch._foreach_norm(self.lora_A))
 
-    def host_mask(self) -> list[bool] | None:
-        """The latest mask the host can read without waiting, or None if no copy has landed yet."""
-        if self.shrinking.device.type == "cpu":
-            return self.shrinking.tolist()
-        if self._copy_done is None or not self._copy_done.query():
+    def _norms_b(self) -> torch.Tensor:
+        if self.groups:
+            return global_norms(self.lora_B, self.groups)
+        return torch.stack(torch._foreach_norm(self.lora_B))
+
+    def post_mask(self) -> None:
+        """Start copying the shrinking mask to the host without blocking; ``posted_mask`` reads it later."""
+        if self.device.type == "cpu":
+            self._posted_mask = self.shrinking.clone()
+            return
+        if self._posted_mask is None:
+            self._posted_mask = torch.empty(self.shrinking.shape, dtype=torch.bool, pin_memory=True)
+        self._posted_mask.copy_(self.shrinking, non_blocking=True)
+        # Record on the stream of the bucket's own device (a model on cuda:1, or spread by device_map="auto"),
+        # not on the current device's stream.
+        self._posted_event = torch.Event(device=self.device)
+        self._posted_event.record(torch.get_device_module(self.device.type).current_stream(self.device))
+
+    def posted_mask(self) -> list[bool] | None:
+        """The mask posted at the previous check (long landed by now), or None before the first check."""
+        if self._posted_mask is None:
             return None
-        self._copy_done = None
-        return self._host_mask.tolist()
+        if self._posted_event is not None:
+            self._posted_event.synchronize()
+        return self._posted_mask.tolist()
 
 
 class StableLoRAOptimizerMixin:
@@ -143,6 +155,8 @@ class StableLoRAOptimizerMixin:
     """
 
     _base_optimizer_cls: type[Optimizer]
+    #: how many steps apart the host drops stopped layers (a fixed cadence, so all ranks agree)
+    HOST_CHECK_EVERY = 16
 
     def __init__(self, params: Any, *, lora_pairs: list[LoraPair], shrink_ratio: float, stop_rule: bool = True,
                  **kwargs: Any):
@@ -155,12 +169,12 @@ class StableLoRAOptimizerMixin:
         for i, group in enumerate(self.param_groups):
             group.setdefault("shrink_ratio", shrink_ratio)
             _check_shrink_ratio(group["shrink_ratio"], f" of parameter group {i}")
-        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        position = {id(p): (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
         absent = [
             f"{pair.name}.{factor}"
             for pair in lora_pairs
             for factor, p in (("lora_A", pair.lora_A), ("lora_B", pair.lora_B))
-            if id(p) not in group_of
+            if id(p) not in position
         ]
         if absent:
             raise ValueError(
@@ -169,63 +183,104 @@ class StableLoRAOptimizerMixin:
                 "and lora_B (or freeze the adapter)."
             )
         self._lora_pairs = lora_pairs
-        self._group_of_A = {id(p.lora_A): group_of[id(p.lora_A)] for p in lora_pairs}
-        self._layer_state = {id(p.lora_A): self._fresh_layer_state(p.lora_A) for p in lora_pairs}
-        self._rebuild_buckets()
+        # Where each layer's A and B sit in param_groups: the parameters are looked up there at step time.
+        self._slots = [(position[id(p.lora_A)], position[id(p.lora_B)]) for p in lora_pairs]
+        self._layer_state = [self._fresh_layer_state(p.lora_A) for p in lora_pairs]
+        self._shrinking_layers = list(range(len(lora_pairs)))
+        self._buckets: list[_Bucket] | None = None  # built on the first step, from the parameters stepped then
+        self._bound: list[torch.Tensor] = []
+        self._steps_shrunk = 0  # steps that ran the shrink: the clock of the host's checks
 
     @staticmethod
     def _fresh_layer_state(lora_A: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = local_tensor(lora_A).device
         return {
-            SHRINKING_KEY: torch.ones((), dtype=torch.bool, device=lora_A.device),
-            SHRINK_STEPS_KEY: torch.zeros((), dtype=torch.int64, device=lora_A.device),
+            SHRINKING_KEY: torch.ones((), dtype=torch.bool, device=device),
+            SHRINK_STEPS_KEY: torch.zeros((), dtype=torch.int64, device=device),
         }
 
-    def _shrink_ratios(self) -> tuple[float, ...]:
-        return tuple(g["shrink_ratio"] for g in self.param_groups)
+    def _live_factors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s (A, B) as the optimizer holds them now, checked against the shapes it was built with."""
+        pair = self._lora_pairs[layer]
+        factors = []
+        for (g, i), factor, built in zip(self._slots[layer], ("lora_A", "lora_B"), (pair.lora_A, pair.lora_B)):
+            params = self.param_groups[g]["params"] if g < len(self.param_groups) else []
+            live = params[i] if i < len(params) else None
+            if live is None or live.shape != built.shape:
+                raise RuntimeError(
+                    f"Stable-LoRA: {pair.name}.{factor} is no longer at its place in the optimizer's param_groups "
+                    f"(group {g}, index {i}; found {None if live is None else tuple(live.shape)}, expected "
+                    f"{tuple(built.shape)}). Something rebuilt param_groups with other parameters; build the "
+                    "optimizer after such a change, or swap parameters in place (as Accelerate's FSDP2 does)."
+                )
+            factors.append(live)
+        return factors[0], factors[1]
 
-    def _rebuild_buckets(self, still_shrinking: Iterable[LoraPair] | None = None) -> None:
-        """Group the layers the host believes are still shrinking by (device, dtype)."""
-        ratios = self._shrink_ratios()
+    def _bind(self) -> None:
+        """(Re)build the buckets over the parameters the optimizer holds now, if they are not the bound ones."""
+        live = [self._live_factors(i) for i in self._shrinking_layers]
+        flat = [t for pair in live for t in pair]
+        if self._buckets is not None and len(flat) == len(self._bound) and \
+                all(a is b for a, b in zip(flat, self._bound)):
+            return
+        ratios = [g["shrink_ratio"] for g in self.param_groups]
         for i, r in enumerate(ratios):
             _check_shrink_ratio(r, f" of parameter group {i}")
-        self._bucket_ratios = ratios
-        if still_shrinking is None:
-            still_shrinking = [p for p in self._lora_pairs if bool(self._layer_state[id(p.lora_A)][SHRINKING_KEY])]
-        by_key: dict[tuple, list[LoraPair]] = {}
-        for pair in still_shrinking:
-            groups = shard_groups(pair.lora_A)
-            if groups != shard_groups(pair.lora_B):
-                raise ValueError(f"{pair.name}: lora_A and lora_B are sharded over different process groups; "
-                                 "shard both factors of a LoRA layer with the same fully_shard call.")
-            key = (pair.lora_A.device, pair.lora_A.dtype, tuple(id(g) for g in groups))
-            by_key.setdefault(key, []).append(pair)
+        by_key: dict[tuple, list[int]] = {}
+        for layer, (a, b) in zip(self._shrinking_layers, live):
+            groups = shard_groups(a)
+            if groups != shard_groups(b):
+                raise ValueError(f"{self._lora_pairs[layer].name}: lora_A and lora_B are sharded over different "
+                                 "process groups; shard both factors of a LoRA layer with the same fully_shard call.")
+            key = (local_tensor(a).device, a.dtype, tuple(id(g) for g in groups))
+            by_key.setdefault(key, []).append(layer)
+        factors = dict(zip(self._shrinking_layers, live))
         self._buckets = [
-            _Bucket(self._layer_state, pairs, [1.0 - ratios[self._group_of_A[id(p.lora_A)]] for p in pairs],
-                    shard_groups(pairs[0].lora_A), self.defaults["stop_rule"])
-            for pairs in by_key.values()
+            _Bucket(layers, [factors[i] for i in layers], self._layer_state,
+                    [1.0 - ratios[self._slots[i][0][0]] for i in layers], self.defaults["stop_rule"])
+            for layers in by_key.values()
         ]
+        self._bound = flat
+        self._bucket_ratios = ratios
+
+    def _acting_mask(self, bucket: _Bucket) -> torch.Tensor | None:
+        """Which of the bucket's layers the base step updates: not on a skipped (inf/NaN) step, not without a
+        gradient. None when all of them (the common case, no extra work)."""
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler for optimizers that skip on the device
+        has_grad = [a.grad is not None for a in bucket.params_A]
+        mask = None if all(has_grad) else torch.tensor(has_grad, device=bucket.device)
+        if found_inf is not None:
+            took_step = found_inf.to(bucket.device, non_blocking=True) == 0
+            mask = took_step if mask is None else mask & took_step
+        return mask
 
     def _drop_stopped_layers(self) -> None:
-        """Rebuild the buckets without the layers the host has seen stop."""
-        stopped = False
-        survivors: list[LoraPair] = []
+        """At a fixed cadence: drop the layers stopped in the masks posted one cadence ago, post new masks."""
+        self._steps_shrunk += 1
+        if self._steps_shrunk % self.HOST_CHECK_EVERY:
+            return
+        stopped = set()
         for bucket in self._buckets:
-            mask = bucket.host_mask()
-            if mask is None:
-                survivors.extend(bucket.pairs)
-                continue
-            stopped |= not all(mask)
-            survivors.extend(p for p, keep in zip(bucket.pairs, mask) if keep)
+            mask = bucket.posted_mask()
+            if mask is not None:
+                stopped.update(layer for layer, shrinking in zip(bucket.layers, mask) if not shrinking)
         if stopped:
-            self._rebuild_buckets(survivors)
+            self._shrinking_layers = [i for i in self._shrinking_layers if i not in stopped]
+            self._buckets = None
+            if self._shrinking_layers:
+                self._bind()
+        for bucket in self._buckets or []:
+            bucket.post_mask()
 
     @torch.no_grad()
     def shrink_lora_A(self) -> None:
         """The Stable-LoRA half of a step; ``step()`` calls it before the base update."""
-        if self._shrink_ratios() != self._bucket_ratios:  # a group's shrink_ratio was changed since last step
-            self._rebuild_buckets([p for b in self._buckets for p in b.pairs])
+        self._bind()
+        if [g["shrink_ratio"] for g in self.param_groups] != self._bucket_ratios:  # changed since the last step
+            self._buckets = None
+            self._bind()
         for bucket in self._buckets:
-            bucket.shrink()
+            bucket.shrink(self._acting_mask(bucket))
         self._drop_stopped_layers()
 
     def _is_state_initialisation_step(self) -> bool:
@@ -243,7 +298,7 @@ class StableLoRAOptimizerMixin:
             # at the unshrunk A; evaluating it here keeps that order for every base optimizer.
             with torch.enable_grad():
                 loss = closure()
-        if self._buckets and not self._is_state_initialisation_step():
+        if self._shrinking_layers and not self._is_state_initialisation_step():
             self.shrink_lora_A()
         base_step = self._base_optimizer_cls.step
         # Call the base step unwrapped so step hooks (profiling, user pre/post hooks) run once, not twice.
@@ -251,17 +306,19 @@ class StableLoRAOptimizerMixin:
         result = base_step(self)
         return loss if closure is not None else result
 
-    def _index_of_A(self) -> dict[int, int]:
-        """id(A) -> the integer key torch's state_dict gives A (its position across the param groups)."""
-        positions = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        return {key: positions[key] for key in self._layer_state}
+    def _index_of_A(self) -> list[int]:
+        """The integer key torch's state_dict gives each layer's A (its position across the param groups)."""
+        offsets = [0]
+        for group in self.param_groups:
+            offsets.append(offsets[-1] + len(group["params"]))
+        return [offsets[g] + i for (g, i), _ in self._slots]
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
         packed = dict(state_dict["state"])
-        for key, index in self._index_of_A().items():
+        for layer, index in enumerate(self._index_of_A()):
             # A new dict: the base's entry is the live self.state[A], which must not gain our keys.
-            packed[index] = {**packed.get(index, {}), **{k: v.clone() for k, v in self._layer_state[key].items()}}
+            packed[index] = {**packed.get(index, {}), **{k: v.clone() for k, v in self._layer_state[layer].items()}}
         return {**state_dict, "state": packed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,41 +337,35 @@ class StableLoRAOptimizerMixin:
         # Saved keys are matched to parameters by position, as torch does: they are integers from state_dict(),
         # or parameter names when torch.distributed.checkpoint loads.
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
-        missing = []
-        for key, position in self._index_of_A().items():
+        missing = 0
+        for layer, position in enumerate(self._index_of_A()):
             saved = ours.get(saved_keys[position], {})
-            state = self._layer_state[key]
             if set(saved) != set(_STATE_DTYPES):
-                missing.append(key)
-                state.update(self._fresh_layer_state(state[SHRINKING_KEY]))
-                continue
-            for name, value in saved.items():
-                state[name] = local_tensor(value).to(device=state[name].device, dtype=_STATE_DTYPES[name]).clone()
+                missing += 1
+                saved = self._fresh_layer_state(self._live_factors(layer)[0])
+            self._layer_state[layer] = {
+                name: local_tensor(value).to(device=local_tensor(self._live_factors(layer)[0]).device,
+                                             dtype=_STATE_DTYPES[name]).clone()
+                for name, value in saved.items()
+            }
         if missing:
             warnings.warn(
-                f"The loaded optimizer state has no Stable-LoRA status for {len(missing)} of {len(self._lora_pairs)} "
+                f"The loaded optimizer state has no Stable-LoRA status for {missing} of {len(self._lora_pairs)} "
                 "LoRA layer(s): it was saved by a plain optimizer. Those layers start shrinking afresh.",
                 stacklevel=2,
             )
-        self._rebuild_buckets()
+        self._shrinking_layers = [i for i, s in enumerate(self._layer_state) if bool(s[SHRINKING_KEY])]
+        self._buckets = None
+        self._steps_shrunk = 0
 
     def stable_lora_status(self) -> list[LayerStatus]:
         """Per-layer status, for logs and diagnostics. Reads device values, so it syncs: call it at log time."""
-        out = []
-        for pair in self._lora_pairs:
-            state = self._layer_state[id(pair.lora_A)]
-            out.append(
-                LayerStatus(
-                    name=pair.name,
-                    module=pair.module_name,
-                    adapter=pair.adapter,
-                    in_features=pair.in_features,
-                    out_features=pair.out_features,
-                    shrinking=bool(state[SHRINKING_KEY]),
-                    shrink_steps=int(state[SHRINK_STEPS_KEY]),
-                )
-            )
-        return out
+        return [
+            LayerStatus(name=pair.name, module=pair.module_name, adapter=pair.adapter, in_features=pair.in_features,
+                        out_features=pair.out_features, shrinking=bool(state[SHRINKING_KEY]),
+                        shrink_steps=int(state[SHRINK_STEPS_KEY]))
+            for pair, state in zip(self._lora_pairs, self._layer_state)
+        ]
 
     @property
     def lora_pairs(self) -> list[LoraPair]:
@@ -322,8 +373,8 @@ class StableLoRAOptimizerMixin:
 
     @property
     def all_stopped(self) -> bool:
-        """True once the host knows every layer has stopped; from then on step() adds nothing."""
-        return not self._buckets
+        """True once the host has dropped every layer; from then on step() adds nothing."""
+        return not self._shrinking_layers
 
 
 @cache
