@@ -2,8 +2,8 @@
 
     .venv/bin/python examples/trl_sft.py [--steps 20] [--output-dir runs/trl_sft]
 
-The optimizer is built by StableLoRATrainerMixin.create_optimizer from the model TRL trains, so the same code
-works when Accelerate wraps the model for DDP/FSDP.
+The optimizer comes from StableLoRAOptimizerFactory through TRL's own `optimizer_cls_and_kwargs`: no subclass.
+Trainer builds it from the model TRL trains, so the same code works when Accelerate wraps the model for DDP/FSDP2.
 """
 
 from __future__ import annotations
@@ -18,14 +18,9 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+from stablelora import StableLoRAOptimizerFactory  # noqa: E402
 from stablelora.assets.models import resolve_model  # noqa: E402
 from stablelora.assets.tasks import load_task  # noqa: E402
-from stablelora.methods import MethodArguments  # noqa: E402
-from stablelora.train.trainer import StableLoRATrainerMixin, unwrap_optimizer  # noqa: E402
-
-
-class StableLoRASFTTrainer(StableLoRATrainerMixin, SFTTrainer):
-    """TRL's SFTTrainer with its optimizer taken from the stablelora method registry."""
 
 
 def main() -> None:
@@ -39,7 +34,7 @@ def main() -> None:
     task = load_task("gsm-symbolic", eval_size=20, seed=0)
     data = Dataset.from_list([{"prompt": f"Question: {x['prompt']}\nAnswer:", "completion": f" {x['completion']}"}
                               for x in task.train[: 8 * args.steps]])
-    trainer = StableLoRASFTTrainer(
+    trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=8,
                        learning_rate=1e-3, logging_steps=5, save_strategy="no", report_to="none", use_cpu=True,
@@ -47,10 +42,10 @@ def main() -> None:
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        method=MethodArguments(optimizer="stable-lora", shrink_ratio=0.002),
+        optimizer_cls_and_kwargs=(StableLoRAOptimizerFactory, {"lr": 1e-3, "shrink_ratio": 0.002}),
     )
     trainer.train()
-    layers = unwrap_optimizer(trainer.optimizer).stable_lora_status()
+    layers = trainer.optimizer.optimizer.stable_lora_status()  # inside Accelerate's AcceleratedOptimizer
     stopped = [s.stop_step for s in layers if s.stop_step is not None]
     print(f"{len(stopped)}/{len(layers)} LoRA layers stopped shrinking; stop steps: {sorted(stopped)[:10]} ...")
 

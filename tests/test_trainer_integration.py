@@ -160,3 +160,64 @@ def test_deepspeed_is_refused_for_methods_that_pair_factors(tmp_path):
     trainer.is_deepspeed_enabled = True  # as Trainer sets it when TrainingArguments.deepspeed is given
     with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO.*fsdp_version: 2"):
         trainer.create_optimizer()
+
+
+def test_factory_in_plain_trainer_as_the_readme_shows(tmp_path):
+    from transformers import Trainer
+
+    from stablelora import StableLoRAOptimizerFactory
+
+    model = tiny_llama_peft()
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=12, save_strategy="no"),
+                      train_dataset=ListDataset(token_items(40)), data_collator=CausalCollator(0),
+                      optimizer_cls_and_kwargs=(StableLoRAOptimizerFactory,
+                                                {"optimizer_cls": torch.optim.AdamW, "lr": 1e-2, "weight_decay": 0.01,
+                                                 "shrink_ratio": 0.2, "fused": True}))
+    trainer.train()
+    optimizer = unwrap_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01]  # LoRA weights only: all decayed
+    stops = [s.stop_step for s in optimizer.stable_lora_status()]
+    assert all(s is not None for s in stops), stops
+    # the same run through the library's own Trainer subclass (Trainer's default: fused AdamW) gives the same adapter
+    reference_model = tiny_llama_peft()
+    _trainer(tmp_path / "ref", reference_model, max_steps=12, save_strategy="no").train()
+    for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_factory_keeps_trainer_weight_decay_rule_and_needs_lr():
+    from stablelora import StableLoRAOptimizerFactory
+
+    model = tiny_llama_peft()
+    model.base_model.model.model.norm.weight.requires_grad_(True)  # a norm weight: Trainer never decays it
+    optimizer = StableLoRAOptimizerFactory()(model, lr=1e-3, weight_decay=0.1)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert [p for p in plain["params"]] == [model.base_model.model.model.norm.weight]
+    with pytest.raises(TypeError, match="needs lr in its kwargs"):
+        StableLoRAOptimizerFactory()(model, weight_decay=0.1)
+
+
+def test_factory_in_trl_sft_trainer_with_peft_config(tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from stablelora import StableLoRAOptimizerFactory
+    from stablelora.assets.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2"))  # any real tokenizer will do
+    tokenizer.eos_token = tokenizer.sep_token  # a BERT vocabulary has no EOS; SFT appends one
+    data = Dataset.from_list([{"text": f"example number {i} says hello"} for i in range(16)])
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, use_cpu=True,
+                     report_to="none", save_strategy="no", max_length=32, disable_tqdm=True, bf16=False)
+    trainer = SFTTrainer(model=tiny_llama(vocab=tokenizer.vocab_size), args=args, train_dataset=data,
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                task_type="CAUSAL_LM"),
+                         optimizer_cls_and_kwargs=(StableLoRAOptimizerFactory, {"lr": 1e-2, "shrink_ratio": 0.01}))
+    trainer.train()
+    status = unwrap_optimizer(trainer.optimizer).stable_lora_status()
+    assert len(status) == 4 and all(s.shrink_steps >= 1 for s in status)
