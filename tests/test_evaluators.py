@@ -69,3 +69,27 @@ def test_extract_final_number(text, expected):
 
 def test_same_number():
     assert same_number("14", "14.0") and not same_number(None, "3") and not same_number("3", "4")
+
+
+class DeviceRecorder(torch.nn.Module):
+    """A model on another device (meta stands in for a GPU on a CPU machine): records where its inputs are."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+        self.input_devices = []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.input_devices += [input_ids.device, attention_mask.device]
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 8)})
+
+
+def test_answer_token_loss_moves_inputs_to_the_model_device():
+    from stablelora.train.data import CausalCollator
+    from stablelora.train.run import answer_token_loss
+
+    model = DeviceRecorder()
+    items = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}] * 3
+    loss = answer_token_loss(model, items, CausalCollator(0), batch_size=2)
+    assert loss == pytest.approx(math.log(8))
+    assert model.input_devices and all(d.type == "meta" for d in model.input_devices)

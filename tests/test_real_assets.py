@@ -118,3 +118,27 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert _cli("train", "configs/minilm_privacyqa.yaml", "--output-dir", str(tmp_path / "new"), "--resume") == 2
     assert "--resume: no finished checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "new" / "config.yaml").exists()  # nothing written for a run that did not start
+
+
+def test_the_adapter_is_saved_before_the_evaluation_after_training(tmp_path, monkeypatch):
+    """A crash in the final evaluation (as on a GPU before inputs were moved) must not lose the trained adapter,
+    also with save_strategy 'no' (the GPU compare configs)."""
+    from stablelora.train.run import TaskPipeline
+
+    evaluate = TaskPipeline.evaluate
+    calls = []
+
+    def fails_after_training(self, model, validation=False):
+        calls.append(validation)
+        if len(calls) > 1:
+            raise RuntimeError("evaluation failed")
+        return evaluate(self, model, validation)
+
+    monkeypatch.setattr(TaskPipeline, "evaluate", fails_after_training)
+    cfg = load_config("configs/minilm_privacyqa.yaml", ["data.eval_size=16", "training.max_steps=1",
+                                                        "training.save_strategy=no", "training.disable_tqdm=true"],
+                      output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_training(cfg)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "log_history.json").exists() and (tmp_path / "stable_lora_status.json").exists()

@@ -180,11 +180,13 @@ class TaskPipeline:
 def answer_token_loss(model, items: list[dict], collate, batch_size: int) -> float:
     """Mean cross-entropy over answer tokens (the SFT loss) on held-out items."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+        labels = batch["labels"][:, 1:].to(logits.device)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
         total += loss.item()
@@ -321,6 +323,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if eval_before is None and before_path.exists():
         eval_before = json.loads(before_path.read_text())
     if eval_before is None:
+        model.to(cfg.training.device)  # where Trainer will train it: a GPU evaluates in seconds, not minutes
         eval_before = pipeline.evaluate(model)
     if main_process:
         write_json(before_path, eval_before)
@@ -342,8 +345,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if interrupt.requested:
         raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
 
-    eval_after = pipeline.evaluate(model)
-    eval_validation = pipeline.evaluate(model, validation=True) if task.validation else None
+    # The adapter and the logs are saved before evaluating, so a failed evaluation loses no training.
     optimizer = unwrap_optimizer(trainer.optimizer)
     summary = stop_summary(optimizer)
     if main_process:
@@ -351,6 +353,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         save_adapter(model, run_dir / "adapter", init_dir)
         if summary is not None:
             write_json(run_dir / "stable_lora_status.json", summary)
+    eval_after = pipeline.evaluate(model)
+    eval_validation = pipeline.evaluate(model, validation=True) if task.validation else None
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "task": task.name,
