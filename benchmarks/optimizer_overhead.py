@@ -9,7 +9,7 @@ ratio is a ratio of medians over rounds. Also reports the floor of any per-step 
 with two batched norms), a per-layer Python loop in the style of the authors' snippet, and optimizer-state bytes.
 Both the default torch AdamW (what HF Trainer's adamw_torch uses) and fused AdamW are measured as bases.
 
-    python benchmarks/optimizer_overhead.py [--out benchmarks/results/optimizer_overhead.md]
+    python benchmarks/optimizer_overhead.py [--device cuda] [--out benchmarks/results/optimizer_overhead.md]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def build_model(args) -> torch.nn.Module:
     with torch.device("meta"):  # the frozen base weights play no part in an optimizer step: never initialise them
         base = LlamaForCausalLM(config)
     model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
-    model.to_empty(device="cpu")  # allocated, not initialised: only the LoRA factors are given values
+    model.to_empty(device=args.device)  # allocated, not initialised: only the LoRA factors are given values
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -68,10 +68,18 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in sd["state"].values() for v in s.values() if torch.is_tensor(v))
 
 
-def time_steps(opt, steps: int) -> float:
+def synchronize(device: str) -> None:
+    """Wait for queued device work, so a timing covers the steps themselves (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(opt, steps: int, device: str) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         opt.step()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -105,8 +113,10 @@ def measure(args, regime: str, fused: bool) -> dict:
         "loop": ReferenceStyleLoop(models["loop"], torch.optim.AdamW(trainable["loop"], **kwargs)),
         "floor": ReadOnceFloor(models["floor"], torch.optim.AdamW(trainable["floor"], **kwargs)),
     }
-    for opt in opts.values():  # warm-up (also initialises Adam state; in 'stopped' every layer stops here)
-        for _ in range(3):
+    # warm-up: initialises Adam state; in 'stopped' every layer stops at once and the host drops them at its second
+    # check, after 2 x HOST_CHECK_EVERY steps
+    for opt in opts.values():
+        for _ in range(2 * opts["stable"].HOST_CHECK_EVERY):
             opt.step()
     if regime == "stopped":
         assert opts["stable"].all_stopped
@@ -116,7 +126,7 @@ def measure(args, regime: str, fused: bool) -> dict:
     for r in range(args.rounds):
         order = list(opts) if r % 2 == 0 else list(reversed(opts))
         for k in order:
-            per_round[k].append(time_steps(opts[k], args.steps))
+            per_round[k].append(time_steps(opts[k], args.steps, args.device))
     ratio = lambda k: statistics.median(per_round[k]) / statistics.median(per_round["base"])  # noqa: E731
     return {
         "regime": regime,
@@ -134,6 +144,10 @@ def measure(args, regime: str, fused: bool) -> dict:
     }
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else device
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=24)
@@ -144,6 +158,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timed round")
+    parser.add_argument("--device", default="cpu", help="where the LoRA factors live: cpu, cuda, cuda:1, ...")
     parser.add_argument("--out", help="append a Markdown record (figures + command + versions) to this file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -151,7 +166,8 @@ def main(argv=None) -> None:
     rows = [measure(args, regime, fused) for fused in (False, True) for regime in ("shrinking", "stopped")]
     layers, trainable = rows[0]["layers"], rows[0]["trainable"]
     lines = [
-        f"LoRA pairs: {layers}, trainable parameters: {trainable:,}, torch threads: {torch.get_num_threads()}",
+        f"LoRA pairs: {layers}, trainable parameters: {trainable:,}, device: {_device_name(args.device)}, "
+        f"torch threads: {torch.get_num_threads()}",
         "",
         "| base | regime | base step (ms) | Stable-LoRA step (ms) | **Stable-LoRA / base** | read-A-and-B-once "
         "floor / base | authors'-style per-layer loop / base |",

@@ -7,6 +7,7 @@ order swapped every step, so a change of machine load hits both alike. Reports t
 bytes of both (the only place the method could add memory).
 
     python benchmarks/train_overhead.py [--steps 40] [--targets q_proj,v_proj] [--shrink-ratio 0.0005] [--out FILE]
+    python benchmarks/train_overhead.py --model qwen2.5-coder-0.5b-instruct --device cuda --bf16   # on a GPU
 
 The paper reports +0.6 % time and no extra memory on GPU.
 """
@@ -27,9 +28,9 @@ from stablelora.train.config import load_config
 from stablelora.train.run import CAUSAL, TaskPipeline, build_peft_model, load_task_data, optimizer_state_bytes
 
 
-def build(method: str, pipeline, model_dir, items, shrink_ratio: float, lr: float):
+def build(method: str, pipeline, model_dir, items, shrink_ratio: float, lr: float, device: torch.device):
     torch.manual_seed(0)
-    model = build_peft_model(pipeline, model_dir, items)
+    model = build_peft_model(pipeline, model_dir, items).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, MethodArguments(optimizer=method, shrink_ratio=shrink_ratio),
@@ -37,11 +38,16 @@ def build(method: str, pipeline, model_dir, items, shrink_ratio: float, lr: floa
     return model, optimizer
 
 
-def timed_step(model, optimizer, batch) -> float:
+def timed_step(model, optimizer, batch, device: torch.device, bf16: bool) -> float:
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # mixed precision; adapters stay fp32
+        loss = model(**batch).loss
+    loss.backward()
     optimizer.step()
+    synchronize()
     return time.perf_counter() - started
 
 
@@ -55,12 +61,17 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--shrink-ratio", type=float, default=0.0005)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a named offline model (stablelora models)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast around forward (fp32 adapters)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("configs/smollm2_openbookqa.yaml",
-                          ["data.dataset=piqa", "data.eval_size=10", f"lora.target_modules=[{args.targets}]"],
+                          ["data.dataset=piqa", "data.eval_size=10", f"lora.target_modules=[{args.targets}]",
+                           f"model.name_or_path={args.model}"],
                           output_dir=tmp)
     model_dir = resolve_model(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -69,21 +80,25 @@ def main(argv=None) -> None:
     needed = (args.steps + args.warmup) * args.batch_size
     items = pipeline.train_items(task.train[:needed])
     collate = pipeline.collator()
-    batches = [collate(items[i : i + args.batch_size]) for i in range(0, needed, args.batch_size)]
-    runs = {m: build(m, pipeline, model_dir, items, args.shrink_ratio, args.lr) for m in ("adamw", "stable-lora")}
+    batches = [{k: v.to(device) for k, v in collate(items[i : i + args.batch_size]).items()}
+               for i in range(0, needed, args.batch_size)]
+    runs = {m: build(m, pipeline, model_dir, items, args.shrink_ratio, args.lr, device)
+            for m in ("adamw", "stable-lora")}
     times: dict[str, list[float]] = {m: [] for m in runs}
     for i, batch in enumerate(batches):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))
         for method in order:
-            elapsed = timed_step(*runs[method], batch)
+            elapsed = timed_step(*runs[method], batch, device, args.bf16)
             if i >= args.warmup:
                 times[method].append(elapsed)
     ratios = [s / a for s, a in zip(times["stable-lora"], times["adamw"])]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     status = runs["stable-lora"][1].stable_lora_status()
     shrinking = sum(s.shrinking for s in status)
     state = {m: optimizer_state_bytes(opt) for m, (_, opt) in runs.items()}
     report = "\n".join([
-        f"SmolLM2-135M-Instruct, LoRA r={cfg.lora.r} on {args.targets} ({len(status)} layers), batch "
+        f"{args.model} on {device_name}{' (bf16 autocast)' if args.bf16 else ''}, LoRA r={cfg.lora.r} on "
+        f"{args.targets} ({len(status)} layers), batch "
         f"{args.batch_size}, PIQA, lambda={args.shrink_ratio}, {args.steps} timed steps after {args.warmup} warm-up, "
         f"interleaved:",
         f"- median step: adamw {statistics.median(times['adamw']):.3f} s, stable-lora "

@@ -75,6 +75,11 @@ def _check_shrink_ratio(value: Any, where: str) -> float:
     return float(value)
 
 
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, copied without making the host wait for the device."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 class _Bucket:
     """The tracked layers that share device, dtype and sharding, with their state gathered into vectors."""
 
@@ -89,9 +94,9 @@ class _Bucket:
         self.lora_B = [local_tensor(b) for _, b in factors]
         self.device, dtype = self.lora_A[0].device, self.lora_A[0].dtype
         # numel(A)/numel(B) = in/out, the reference's own form of the threshold, computed on the global shapes.
-        self.ratio = torch.tensor([a.numel() / b.numel() for a, b in factors], device=self.device)
+        self.ratio = _on_device([a.numel() / b.numel() for a, b in factors], torch.float32, self.device)
         # 1 - shrink_ratio is formed in double on the host and rounded once, as `A.mul_(1 - shrink_ratio)` does.
-        self.keep = torch.tensor(keep_factors, dtype=dtype, device=self.device)
+        self.keep = _on_device(keep_factors, dtype, self.device)
         states = [layer_state[i] for i in layers]
         # The vectors are the working storage; each layer's entries become views into them, so per-layer state is
         # current without any per-layer copy.
@@ -248,7 +253,7 @@ class StableLoRAOptimizerMixin:
         gradient. None when all of them (the common case, no extra work)."""
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler for optimizers that skip on the device
         has_grad = [a.grad is not None for a in bucket.params_A]
-        mask = None if all(has_grad) else torch.tensor(has_grad, device=bucket.device)
+        mask = None if all(has_grad) else _on_device(has_grad, torch.bool, bucket.device)
         if found_inf is not None:
             took_step = found_inf.to(bucket.device, non_blocking=True) == 0
             mask = took_step if mask is None else mask & took_step
