@@ -179,3 +179,19 @@ def trainer_worker(rank: int, world: int, port: int, out: str) -> None:
                                 for r in monitor.records]}, out)
     if world > 1:
         dist.destroy_process_group()
+
+
+def stablelora_train_fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
+    """``stablelora train``'s run_training on the demo's real model, sharded by Accelerate FSDP2."""
+    from stablelora.train.config import load_config
+    from stablelora.train.run import run_training
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _let_accelerate_use_fsdp_on_cpu()
+    cfg = load_config("configs/minilm_privacyqa.yaml", [
+        "data.eval_size=16", "training.max_steps=4", "training.save_steps=2", "training.disable_tqdm=true",
+        "monitor.every=2", "training.fsdp=full_shard",
+        'training.fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"], '
+        '"state_dict_type": "SHARDED_STATE_DICT"}'], output_dir=out)
+    run_training(cfg)

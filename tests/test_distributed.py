@@ -93,3 +93,21 @@ def test_trainer_with_the_factory_under_accelerate_fsdp2_matches_one_process(tmp
     assert len(two["monitor"]) == len(one["monitor"]) == w.TRAINER_STEPS // 4
     assert torch.allclose(torch.tensor(two["monitor"], dtype=torch.float64),
                           torch.tensor(one["monitor"], dtype=torch.float64), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_stablelora_train_under_accelerate_fsdp2_saves_a_whole_adapter(tmp_path):
+    """The run writes its adapter from every rank's shards (a rank-0 save_pretrained of DTensors crashed)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    mp.spawn(w.stablelora_train_fsdp2_worker, args=(2, _free_port(), str(run)), nprocs=2)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4 and metrics["stable_lora"]["layers"] == 37
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    query_a = next(t for k, t in adapter.items() if "layer.0.attention.self.query.lora_A" in k)
+    assert query_a.shape == (8, 384) and torch.isfinite(query_a).all()
+    assert len((run / "monitor.jsonl").read_text().splitlines()) == 2
+    assert (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()

@@ -219,14 +219,24 @@ def build_peft_model(pipeline: TaskPipeline, model_dir: Path, train_items: list[
             from err
 
 
-def save_adapter(model, target: Path, init_dir: Path | None) -> None:
-    """Save a standard PEFT adapter atomically; inits that mutate W0 are converted to plain LoRA (rank 2r)."""
+def gather_trainable(model) -> dict[str, torch.Tensor] | None:
+    """The trainable weights as whole CPU tensors when FSDP2 shards them (a collective: call it on every rank),
+    else None (nothing to gather)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not any(hasattr(p, "full_tensor") for _, p in params):
+        return None
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in params}
+
+
+def save_adapter(model, target: Path, init_dir: Path | None, state_dict: dict | None = None) -> None:
+    """Save a standard PEFT adapter atomically; inits that mutate W0 are converted to plain LoRA (rank 2r).
+    ``state_dict`` gives the weights when the model's own are shards (``gather_trainable``)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         if init_dir is not None:
-            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(init_dir))
+            model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(init_dir), state_dict=state_dict)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -348,9 +358,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     # The adapter and the logs are saved before evaluating, so a failed evaluation loses no training.
     optimizer = unwrap_optimizer(trainer.optimizer)
     summary = stop_summary(optimizer)
+    gathered = gather_trainable(model)  # FSDP2: every rank takes part
     if main_process:
         write_json(run_dir / "log_history.json", trainer.state.log_history)
-        save_adapter(model, run_dir / "adapter", init_dir)
+        save_adapter(model, run_dir / "adapter", init_dir, gathered)
         if summary is not None:
             write_json(run_dir / "stable_lora_status.json", summary)
     eval_after = pipeline.evaluate(model)
