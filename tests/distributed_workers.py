@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,7 @@ from stablelora import create_stablelora_optimizer
 from tiny import tiny_llama_peft
 
 STEPS, GLOBAL_BATCH, SHRINK, LR = 24, 8, 0.2, 1e-2
+COLLECTIVE_TIMEOUT = timedelta(seconds=180)
 
 
 def global_batches(seed: int = 0) -> list[torch.Tensor]:
@@ -46,7 +48,8 @@ def single_process_reference() -> dict:
 
 def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), STABLELORA_CHECK_REPLICAS="1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank waiting for a peer that died fails after this long instead of hanging the test run
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
 
 
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -153,7 +156,8 @@ def trainer_worker(rank: int, world: int, port: int, out: str) -> None:
 
     args = dict(output_dir=f"{out}.trainer", max_steps=TRAINER_STEPS, per_device_train_batch_size=TRAINER_BATCH // world,
                 learning_rate=LR, seed=0, use_cpu=True, report_to="none", logging_steps=1,
-                remove_unused_columns=False, disable_tqdm=True, save_strategy="no")
+                remove_unused_columns=False, disable_tqdm=True, save_strategy="no",
+                ddp_timeout=int(COLLECTIVE_TIMEOUT.total_seconds()))
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -191,7 +195,7 @@ def stablelora_train_fsdp2_worker(rank: int, world: int, port: int, out: str) ->
     _let_accelerate_use_fsdp_on_cpu()
     cfg = load_config("configs/minilm_privacyqa.yaml", [
         "data.eval_size=16", "training.max_steps=4", "training.save_steps=2", "training.disable_tqdm=true",
-        "monitor.every=2", "training.fsdp=full_shard",
+        "monitor.every=2", "training.fsdp=full_shard", f"training.ddp_timeout={int(COLLECTIVE_TIMEOUT.total_seconds())}",
         'training.fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"], '
         '"state_dict_type": "SHARDED_STATE_DICT"}'], output_dir=out)
     run_training(cfg)

@@ -112,22 +112,18 @@ class _Bucket:
         """One step: ``acting`` masks the layers the base optimizer updates this step (None: all of them)."""
         active = self.shrinking if acting is None else self.shrinking & acting
         if self.stop_rule:
-            stop_now = active & (self._norms_a() < self.ratio * self._norms_b())
+            stop_now = active & (self._norms(self.lora_A) < self.ratio * self._norms(self.lora_B))
             self.shrinking.logical_and_(~stop_now)
             active = active & ~stop_now
         self.shrink_steps.add_(active)
         torch._foreach_mul_(self.lora_A, list(torch.where(active, self.keep, 1.0).unbind(0)))
         check_replicas(self.shrinking)
 
-    def _norms_a(self) -> torch.Tensor:
+    def _norms(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        """Frobenius norms of whole factors: of the local tensors, or summed over the shards under FSDP2."""
         if self.groups:
-            return global_norms(self.lora_A, self.groups)
-        return torch.stack(torch._foreach_norm(self.lora_A))
-
-    def _norms_b(self) -> torch.Tensor:
-        if self.groups:
-            return global_norms(self.lora_B, self.groups)
-        return torch.stack(torch._foreach_norm(self.lora_B))
+            return global_norms(factors, self.groups)
+        return torch.stack(torch._foreach_norm(factors))
 
     def post_mask(self) -> None:
         """Start copying the shrinking mask to the host without blocking; ``posted_mask`` reads it later."""
@@ -193,12 +189,14 @@ class StableLoRAOptimizerMixin:
         self._layer_state = [self._fresh_layer_state(p.lora_A) for p in lora_pairs]
         self._shrinking_layers = list(range(len(lora_pairs)))
         self._buckets: list[_Bucket] | None = None  # built on the first step, from the parameters stepped then
-        self._bound: list[torch.Tensor] = []
+        self._bound: list[tuple[torch.Tensor, torch.Tensor]] = []  # (A, B) of each shrinking layer, as bound
         self._steps_shrunk = 0  # steps that ran the shrink: the clock of the host's checks
 
     @staticmethod
     def _fresh_layer_state(lora_A: torch.Tensor) -> dict[str, torch.Tensor]:
         device = local_tensor(lora_A).device
+        if device.type == "meta":  # not materialised yet (FSDP2 loading on rank 0 only): the bucket moves it later
+            device = torch.device("cpu")
         return {
             SHRINKING_KEY: torch.ones((), dtype=torch.bool, device=device),
             SHRINK_STEPS_KEY: torch.zeros((), dtype=torch.int64, device=device),
@@ -221,13 +219,22 @@ class StableLoRAOptimizerMixin:
             factors.append(live)
         return factors[0], factors[1]
 
+    def _still_bound(self) -> bool:
+        """Whether the buckets were built over the tensors that sit in param_groups now (identity, no checks)."""
+        if self._buckets is None:
+            return False
+        try:
+            return all(self.param_groups[g]["params"][i] is tensor
+                       for layer, factors in zip(self._shrinking_layers, self._bound)
+                       for (g, i), tensor in zip(self._slots[layer], factors))
+        except IndexError:
+            return False
+
     def _bind(self) -> None:
         """(Re)build the buckets over the parameters the optimizer holds now, if they are not the bound ones."""
-        live = [self._live_factors(i) for i in self._shrinking_layers]
-        flat = [t for pair in live for t in pair]
-        if self._buckets is not None and len(flat) == len(self._bound) and \
-                all(a is b for a, b in zip(flat, self._bound)):
+        if self._still_bound():
             return
+        live = [self._live_factors(i) for i in self._shrinking_layers]
         ratios = [g["shrink_ratio"] for g in self.param_groups]
         for i, r in enumerate(ratios):
             _check_shrink_ratio(r, f" of parameter group {i}")
@@ -245,7 +252,7 @@ class StableLoRAOptimizerMixin:
                     [1.0 - ratios[self._slots[i][0][0]] for i in layers], self.defaults["stop_rule"])
             for layers in by_key.values()
         ]
-        self._bound = flat
+        self._bound = live
         self._bucket_ratios = ratios
 
     def _acting_mask(self, bucket: _Bucket) -> torch.Tensor | None:
