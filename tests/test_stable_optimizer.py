@@ -53,20 +53,24 @@ class ReferenceStableLoRA:
         self.base.zero_grad()
 
 
+ADAMW = dict(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999))
+LAMBDA = 0.05  # large enough that the tiny model's layers stop at different steps within 120 steps
+
+
+def adamw_reference(model: nn.Module) -> ReferenceStableLoRA:
+    return ReferenceStableLoRA(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW),
+                               LAMBDA)
+
+
 def assert_same_params(m1: nn.Module, m2: nn.Module) -> None:
     for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), f"{n1} differs"
 
 
-ADAMW = dict(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999))
-LAMBDA = 0.05  # large enough that the tiny model's layers stop at different steps within 120 steps
-
-
 def test_trajectory_equals_reference_over_120_steps_with_staggered_stops():
     ours_model, ref_model = tiny_peft_model(), tiny_peft_model()
     ours = create_stablelora_optimizer(ours_model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    ref = ReferenceStableLoRA(ref_model, torch.optim.AdamW(
-        [p for p in ref_model.parameters() if p.requires_grad], **ADAMW), LAMBDA)
+    ref = adamw_reference(ref_model)
     for t, batch in enumerate(batches(120), start=1):
         train_step(ours_model, ours, batch)
         train_step(ref_model, ref, batch)
@@ -249,8 +253,7 @@ def test_multiple_adapters_pair_within_each_adapter_and_skip_frozen_ones():
         assert pair.lora_B is layer.lora_B[pair.adapter].weight
     ref_model = copy.deepcopy(model)
     opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    ref = ReferenceStableLoRA(ref_model, torch.optim.AdamW(
-        [p for p in ref_model.parameters() if p.requires_grad], **ADAMW), LAMBDA)
+    ref = adamw_reference(ref_model)
     for batch in batches(60):
         train_step(model, opt, batch)
         train_step(ref_model, ref, batch)
@@ -319,8 +322,7 @@ def test_per_group_shrink_ratio_and_runtime_change_are_honoured():
 def test_closure_is_evaluated_before_the_shrink_and_its_loss_returned():
     ours_model, ref_model = tiny_peft_model(), tiny_peft_model()
     ours = create_stablelora_optimizer(ours_model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    ref = ReferenceStableLoRA(ref_model, torch.optim.AdamW(
-        [p for p in ref_model.parameters() if p.requires_grad], **ADAMW), LAMBDA)
+    ref = adamw_reference(ref_model)
     for ids, target in batches(10):
         def closure():
             ours.zero_grad()
@@ -432,8 +434,7 @@ def test_follows_accelerate_fsdp2_parameter_swap():
     built_on, trained, ref_model = tiny_peft_model(), tiny_peft_model(), tiny_peft_model()
     opt = create_stablelora_optimizer(built_on, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
     _swap_like_accelerate_fsdp2(opt, built_on, trained)
-    ref = ReferenceStableLoRA(ref_model, torch.optim.AdamW(
-        [p for p in ref_model.parameters() if p.requires_grad], **ADAMW), LAMBDA)
+    ref = adamw_reference(ref_model)
     for batch in batches(60):
         train_step(trained, opt, batch)
         train_step(ref_model, ref, batch)
