@@ -203,6 +203,8 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):
     ({"methods": {"adamw": {"set": {"training.seed": 3}}}}, "set by the harness"),
     ({"metric": "accuracy"}, "metric must be 'EVAL/KEY'"),
     ({"sedes": [0]}, "unknown key"),
+    ({"variants": {"big": {"of": "stable-lora", "set": {"method.shrink_ratio": 5}}}},
+     "method.shrink_ratio=5.0: must be in [0, 1)"),
 ])
 def test_bad_compare_configs_fail_before_any_run(tmp_path, change, message):
     with pytest.raises(CompareError, match=re.escape(message)):

@@ -78,3 +78,40 @@ def test_every_shipped_compare_config_loads_and_builds_all_its_runs(path):
             load_compare_config(path)
     else:
         assert load_compare_config(path).total_runs() > 0
+
+
+def test_numbers_are_read_however_a_person_writes_them(tmp_path):
+    path = _write(tmp_path, "training:\n  learning_rate: 1e-3\n  weight_decay: 1E-2\nmethod:\n  shrink_ratio: 5e-4\n")
+    cfg = load_config(path, output_dir=str(tmp_path / "r"))
+    assert cfg.training.learning_rate == 1e-3 and cfg.training.weight_decay == 0.01
+    assert cfg.method.shrink_ratio == 5e-4
+    cfg = load_config(path, ["training.learning_rate=2e-4", "method.shrink_ratio=.002", "training.max_steps=1_000"],
+                      output_dir=str(tmp_path / "r"))
+    assert cfg.training.learning_rate == 2e-4 and cfg.method.shrink_ratio == 0.002 and cfg.training.max_steps == 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.shrink_ratio=5", r"method.shrink_ratio=5.0: must be in \[0, 1\)"),
+    ("monitor.every=0", "monitor.every=0: must be >= 1"),
+    ("lora.r=0", "lora.r=0: the LoRA rank must be >= 1"),
+    ("data.eval_size=-5", "data.eval_size=-5: must be >= 1"),
+    ("data.eval_size=0", "data.eval_size=0: must be >= 1"),
+    ("training.max_steps=0", "training.max_steps=0: must be > 0, or -1"),
+    ("data.dataset=openbookq", "unknown dataset. Did you mean 'openbookqa'"),
+    ("data.dataset=jsonl", "data.train_file=None: data.dataset=jsonl needs an existing JSONL file"),
+    ("model.name_or_path=/no/such/dir", "neither a local model directory nor a named offline model"),
+])
+def test_values_are_checked_when_the_config_loads_before_any_model(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override], output_dir=str(tmp_path / "r"))
+
+
+def test_a_model_directory_without_weights_or_model_type_is_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(ConfigError, match="has no 'model_type'"):
+        load_config(None, [f"model.name_or_path={model}"], output_dir=str(tmp_path / "r"))
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match=r"has no weights \(\*.safetensors or \*.bin\)"):
+        load_config(None, [f"model.name_or_path={model}"], output_dir=str(tmp_path / "r"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -26,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans: only true/false are booleans, so `save_strategy: no` stays the string 'no'."""
+    """YAML with 1.2 booleans and numbers: only true/false are booleans, so `save_strategy: no` stays the string
+    'no'; every way a person writes a float is a float (PyYAML's YAML 1.1 reads `2e-4` and `1E3` as strings)."""
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -35,6 +37,10 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 }
 _Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                     list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),  # exponents without a dot
+    list("-+0123456789."))
 
 
 def _load_yaml(text: str):
@@ -234,7 +240,74 @@ def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
         check_combination(built["method"])
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_values(built)
     return RunConfig(**built, raw=raw, run_dir=run_dir)
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}.")
+
+
+def check_values(built: dict[str, Any]) -> None:
+    """Everything that can be checked before a model is loaded: ranges, the dataset name, the model directory.
+    A compare config builds every planned run, so this also checks a whole grid before its first run."""
+    data, lora, method, monitor, training = (built[k] for k in ("data", "lora", "method", "monitor", "training"))
+    _require(0.0 <= method.shrink_ratio < 1.0, "method.shrink_ratio", method.shrink_ratio,
+             "must be in [0, 1); the paper searches 0.0005, 0.001, 0.002, 0.005")
+    _require(method.riemannian_reg > 0, "method.riemannian_reg", method.riemannian_reg, "must be > 0")
+    _require(method.weight_decay_A >= 0, "method.weight_decay_A", method.weight_decay_A, "must be >= 0")
+    _require(method.loraga_batches >= 1, "method.loraga_batches", method.loraga_batches, "must be >= 1")
+    _require(lora.r >= 1, "lora.r", lora.r, "the LoRA rank must be >= 1")
+    _require(lora.alpha > 0, "lora.alpha", lora.alpha, "must be > 0")
+    _require(0.0 <= lora.dropout < 1.0, "lora.dropout", lora.dropout, "must be in [0, 1)")
+    _require(lora.target_modules is None or len(lora.target_modules) > 0, "lora.target_modules",
+             lora.target_modules, "name at least one module, or leave it out for the default")
+    _require(monitor.every >= 1, "monitor.every", monitor.every, "must be >= 1 (optimizer steps between records)")
+    _require(monitor.probe_examples >= 1, "monitor.probe_examples", monitor.probe_examples, "must be >= 1")
+    for key in ("eval_size", "max_length", "max_new_tokens", "eval_batch_size"):
+        _require(getattr(data, key) >= 1, f"data.{key}", getattr(data, key), "must be >= 1")
+    _require(data.validation_size >= 0, "data.validation_size", data.validation_size, "must be >= 0 (0: none)")
+    _require(data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples",
+             data.max_train_examples, "must be >= 1, or left out for all")
+    _require(training.max_steps != 0 and training.max_steps >= -1, "training.max_steps", training.max_steps,
+             "must be > 0, or -1 to train for num_train_epochs")
+    _require(training.max_steps > 0 or training.num_train_epochs > 0, "training.num_train_epochs",
+             training.num_train_epochs, "must be > 0 when training.max_steps is not set")
+    from stablelora.assets.models import NAMED_MODELS
+    from stablelora.assets.tasks import TASKS
+
+    if data.dataset != "jsonl" and data.dataset not in TASKS:
+        raise ConfigError(f"data.dataset={data.dataset!r}: unknown dataset.{_suggest(data.dataset, TASKS)} Choose "
+                          f"one of {', '.join(TASKS)}, or 'jsonl' with data.train_file and data.eval_file.")
+    if data.dataset == "jsonl":
+        for key in ("train_file", "eval_file"):
+            path = getattr(data, key)
+            _require(path is not None and Path(path).is_file(), f"data.{key}", path,
+                     "data.dataset=jsonl needs an existing JSONL file here")
+    if built["model"].name_or_path not in NAMED_MODELS:
+        check_model_dir(Path(built["model"].name_or_path).expanduser(), tuple(NAMED_MODELS))
+
+
+def check_model_dir(path: Path, named: tuple[str, ...]) -> None:
+    """A local model directory must hold a config with a model_type and weights, else say what is missing."""
+    key = f"model.name_or_path={str(path)!r}"
+    if not (path / "config.json").is_file():
+        what = "is a directory without config.json" if path.is_dir() else "is neither a local model directory nor " \
+            "a named offline model"
+        raise ConfigError(f"{key} {what}. Give a Hugging Face model directory (model.save_pretrained(dir) writes "
+                          f"one), or one of: {', '.join(named)}.")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ConfigError(f"{key}: {path / 'config.json'} is not a JSON object ({err}).") from err
+    if not model_type:
+        raise ConfigError(f"{key}: {path / 'config.json'} has no 'model_type', so transformers cannot tell which "
+                          "architecture to build. Save the model with model.save_pretrained(dir), which writes it.")
+    weights = [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)]
+    if not weights:
+        raise ConfigError(f"{key}: the directory has no weights (*.safetensors or *.bin). Save the whole model with "
+                          "model.save_pretrained(dir), not only its config.")
 
 
 def _plain(value: Any) -> Any:
