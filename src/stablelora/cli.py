@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 
 def _offline_env() -> None:
@@ -18,10 +20,16 @@ def _offline_env() -> None:
 def _train(args) -> int:
     from stablelora.eval import headline
     from stablelora.train.config import load_config
-    from stablelora.train.run import run_training
+    from stablelora.train.run import RunError, run_training
 
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir)
-    metrics = run_training(cfg, resume=args.resume)
+    eval_before = None
+    if args.eval_before:
+        try:
+            eval_before = json.loads(Path(args.eval_before).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"--eval-before {args.eval_before}: cannot read it as JSON ({err}).") from err
+    metrics = run_training(cfg, resume=args.resume, eval_before=eval_before)
     print(f"run directory: {cfg.run_dir}")
     for name, after in metrics["eval_after"].items():
         key, value = headline(after)
@@ -118,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--output-dir", help="run directory (default: training.output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     train.add_argument("--help-keys", metavar="SECTION", help="list the keys of a config section and exit")
+    train.add_argument("--eval-before", metavar="JSON", help="reuse this evaluation of the untrained model (same model "
+                       "and eval split; compare passes one to every run) instead of evaluating again")
 
     demo = sub.add_parser("demo", help="plain LoRA vs Stable-LoRA on a real model and dataset, ~10 min on 2 CPUs")
     demo.add_argument("--output-dir", default="runs/demo")

@@ -169,10 +169,10 @@ def execute(cfg: CompareConfig, run: PlannedRun) -> dict:
     config_path = run_dir / "grid_config.yaml"
     write_atomic(config_path, yaml.safe_dump(merged_config(cfg.base_config, run.overrides), sort_keys=False))
     shared_before = cfg.output_dir / "eval_before.json"
-    if shared_before.exists():
-        shutil.copyfile(shared_before, run_dir / "eval_before.json")
     command = [sys.executable, "-m", "stablelora.cli", "train", str(config_path), "training.disable_tqdm=true",
                "--output-dir", str(run_dir)]
+    if shared_before.exists():
+        command += ["--eval-before", str(shared_before)]
     log_path = run_dir / "train.log"
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:

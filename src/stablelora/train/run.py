@@ -33,7 +33,7 @@ from stablelora.eval.classification import evaluate_classification
 from stablelora.fileio import write_atomic, write_json
 from stablelora.eval.math import evaluate_math
 from stablelora.eval.multiple_choice import evaluate_causal_mc, evaluate_encoder_mc
-from stablelora.methods import ADAPTER_OPTIONS, check_combination, lora_config_kwargs
+from stablelora.methods import ADAPTER_OPTIONS, lora_config_kwargs
 from stablelora.train.config import RunConfig
 from stablelora.train.data import (CausalCollator, ClassificationCollator, ListDataset, MultipleChoiceCollator,
                                    causal_sft_items)
@@ -290,6 +290,86 @@ def versions() -> dict:
             "peft": peft.__version__}
 
 
+# What a resumed run may change: how long it trains and how it logs and saves. Anything else (learning rate, method,
+# data, model, seed, ...) is restored from the checkpoint by Trainer and the optimizer, so a change would be ignored
+# while config.yaml claimed it.
+RESUMABLE_KEYS = {"training.max_steps", "training.num_train_epochs", "training.save_steps", "training.save_total_limit",
+                  "training.logging_steps", "training.disable_tqdm", "training.report_to", "training.output_dir"}
+# What a run writes into its directory (besides checkpoints/): cleared when a new run starts where one failed to.
+RUN_FILES = ("config.yaml", "eval_before.json", "metrics.json", "monitor.jsonl", "log_history.json",
+             "stable_lora_status.json", "adapter", "adapter_init", "tb")
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """Refuse a resume of a finished run, or with settings that differ from the run's own config.yaml."""
+    run_dir = cfg.run_dir
+    if (run_dir / "metrics.json").exists():
+        raise RunError(f"--resume: the run in {run_dir} has finished (metrics.json is written); there is nothing to "
+                       "continue. Its results stay as they are; start a new run in another output directory.")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changed = []
+    for section in sorted(set(saved) | set(cfg.raw) - {"versions"}):
+        if section == "versions":
+            continue
+        old, new = saved.get(section) or {}, cfg.raw.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if f"{section}.{key}" not in RESUMABLE_KEYS and old.get(key) != new.get(key):
+                changed.append(f"{section}.{key}: {old.get(key)!r} in the run, {new.get(key)!r} now")
+    if changed:
+        raise RunError(f"--resume with settings that differ from the run's own ({saved_path}): " + "; ".join(changed)
+                       + ". The checkpoint would restore the old values while config.yaml recorded the new ones. "
+                       "Resume with the same config and overrides, or start a new run in another output directory.")
+
+
+def remove_failed_start(run_dir: Path) -> None:
+    """A new run where an earlier one failed before its first checkpoint: its files must not mix with this run's."""
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def reached_last_step(checkpoint: Path, max_steps: int) -> bool:
+    """Whether the checkpoint is the run's last step (a run killed during its final evaluation or save)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    last = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return last > 0 and state.get("global_step", 0) >= last
+
+
+def restore_finished_training(trainer, checkpoint: Path) -> None:
+    """Load what the last checkpoint holds (adapter, optimizer with its Stable-LoRA state, Trainer state) without
+    training: Trainer's own resume from the last step would train one step more."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights, optimizer = checkpoint / "adapter_model.safetensors", checkpoint / "optimizer.pt"
+    if not weights.exists() or not optimizer.exists():
+        raise RunError(f"--resume: {checkpoint} is the run's last step but holds no {weights.name} and "
+                       f"{optimizer.name} to finish from (a sharded FSDP checkpoint?). Its adapter is in the checkpoint; "
+                       "evaluate it with PeftModel.from_pretrained, or start the run again.")
+    set_peft_model_state_dict(trainer.model, load_file(weights))
+    trainer.create_optimizer()
+    trainer.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def train_loss(log_history: list[dict]) -> float | None:
+    """Mean training loss over the logged steps of a resumed run (Trainer's own figure covers only the steps after the
+    resume). Each logged loss is the mean since the previous log, so it is weighted by its span."""
+    total, covered, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            span = entry["step"] - previous
+            total, covered, previous = total + entry["loss"] * span, covered + span, entry["step"]
+    return total / covered if covered else None
+
+
 def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | None = None) -> dict:
     """Train and evaluate one configuration; returns the metrics written to RUN/metrics.json."""
     from transformers import AutoTokenizer, set_seed
@@ -302,11 +382,14 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     resume_from = latest_checkpoint(checkpoints) if resume else None
     if resume and resume_from is None:
         raise RunError(f"--resume: no finished checkpoint in {checkpoints}. Start the run without --resume.")
-    check_combination(cfg.method)
+    if resume:
+        check_resumable(cfg)
     # Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
     main_process = int(os.environ.get("RANK", "0")) == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if main_process:
+        if not resume:
+            remove_failed_start(run_dir)
         write_atomic(run_dir / "config.yaml", yaml.safe_dump({**cfg.raw, "versions": versions()}, sort_keys=False))
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tb")
 
@@ -330,7 +413,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
             adapter_config.init_lora_weights = init_kind
 
     before_path = run_dir / "eval_before.json"
-    if eval_before is None and before_path.exists():
+    if eval_before is None and resume and before_path.exists():
         eval_before = json.loads(before_path.read_text())
     if eval_before is None:
         model.to(cfg.training.device)  # where Trainer will train it: a GPU evaluates in seconds, not minutes
@@ -349,7 +432,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading or the first evaluation
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and reached_last_step(resume_from, cfg.training.max_steps):
+        restore_finished_training(trainer, resume_from)  # killed after its last checkpoint: do not train again
+        loss = train_loss(trainer.state.log_history)
+    else:
+        loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+        if resume_from is not None:  # Trainer's figure covers only the steps after the resume
+            loss = train_loss(trainer.state.log_history)
     wall = time.perf_counter() - started
     memory = peak_memory()
     if interrupt.requested:
@@ -376,7 +465,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         "eval_before": eval_before,
         "eval_after": eval_after,
         "eval_validation": eval_validation,
-        "train_loss": result.training_loss,
+        "train_loss": loss,
         "train_steps": trainer.state.global_step,
         "train_wall_seconds": wall,
         "train_tokens": tokens,
