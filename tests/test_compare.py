@@ -394,3 +394,47 @@ def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tin
     assert "complete: 6 of 6 runs" in (tmp_path / "out" / "results.md").read_text()
     # a second call has nothing left to do
     assert run_grid(cfg, log=lines.append)["ran"] == 0
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_as_diverged_and_never_chosen(tmp_path, tiny_encoder):
+    base = {"model": {"name_or_path": str(tiny_encoder)},
+            "data": {"dataset": "piqa", "eval_size": 8, "validation_size": 8, "max_train_examples": 24,
+                     "max_length": 48},
+            "lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]},
+            "monitor": {"enabled": False},
+            "training": {"max_steps": 3, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True,
+                         "report_to": []}}
+    _write(tmp_path / "base.yaml", base)
+    config = _write(tmp_path / "compare.yaml", {
+        "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-3, 1e30],
+        "tune_seeds": [0], "seeds": [0, 1], "methods": {"adamw": {"set": {"method.optimizer": "adamw"}}}})
+    cfg = load_compare_config(config)
+    lines: list[str] = []
+    assert run_grid(cfg, log=lines.append) == {"done": 3, "total": 3, "ran": 3}
+    assert any("DIVERGED by step" in line for line in lines)
+    diverged = load_records(cfg)[run_id("adamw", {"training.learning_rate": 1e30}, 0)]
+    assert diverged["diverged"]["step"] >= 1 and diverged["test"] is None
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["methods"]["adamw"]["chosen"] == "lr=1e-03"
+    assert [t["diverged"] for t in result["methods"]["adamw"]["tuning"]] == [0, 1]
+    assert "diverged on 1 seed(s)" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_seed_that_diverged_at_the_chosen_setting_is_listed_not_averaged(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path, variants={}))
+    records = {}
+    for method in ("adamw", "stable-lora"):
+        for lr, validation in ((1e-4, 0.5), (1e-3, 0.6)):
+            r = _record(cfg, method, lr, 0, validation, 0.6)
+            records[r["run_id"]] = r
+        for seed in (1, 2):
+            r = _record(cfg, method, 1e-3, seed, 0.6, 0.7, role="seed")
+            records[r["run_id"]] = r
+    broken = records[run_id("stable-lora", {"training.learning_rate": 1e-3}, 2)]
+    broken.update(diverged={"step": 5, "message": "m"}, validation=None, test=None, train_loss=None)
+    result = aggregate(cfg, records)
+    entry = result["methods"]["stable-lora"]
+    assert entry["diverged_seeds"] == [2] and entry["test"]["n"] == 2
+    assert entry["paired_vs_baseline"]["n"] == 2
+    assert "(diverged on seed(s) 2: not in the mean)" in to_markdown(result, "cmd")

@@ -197,3 +197,12 @@ def test_a_failed_start_leaves_nothing_the_next_run_reuses(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics["eval_before"]) == ["privacyqa"] and metrics["eval_before"]["privacyqa"]["examples"] == 16
     assert [json.loads(line)["step"] for line in (run / "monitor.jsonl").read_text().splitlines()] == [1, 3]
+
+
+def test_a_diverged_run_fails_loudly_and_writes_no_result(tmp_path, capsys):
+    assert _run(tmp_path, "nan", "training.max_steps=8", "training.learning_rate=1.0e+30") == 2
+    assert "training diverged by step" in capsys.readouterr().err
+    run = tmp_path / "nan"
+    assert json.loads((run / "diverged.json").read_text())["step"] >= 1
+    assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
+    assert _run(tmp_path, "nan", "training.max_steps=8", "training.learning_rate=1.0e+30", resume=True) == 2

@@ -221,3 +221,23 @@ def test_factory_in_trl_sft_trainer_with_peft_config(tmp_path):
     trainer.train()
     status = unwrap_optimizer(trainer.optimizer).stable_lora_status()
     assert len(status) == 4 and all(s.shrink_steps >= 1 for s in status)
+
+
+def test_a_run_whose_weights_turn_nan_stops_and_keeps_only_finite_checkpoints(tmp_path):
+    from transformers import TrainerCallback
+
+    from stablelora.train.trainer import DivergenceGuard, TrainingDiverged
+
+    class PoisonAtStep5(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 4:  # during step 5
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    model = tiny_llama_peft()
+    trainer = _trainer(tmp_path, model, max_steps=12, save_steps=2, logging_steps=100)
+    trainer.add_callback(DivergenceGuard(model))
+    trainer.add_callback(PoisonAtStep5())
+    with pytest.raises(TrainingDiverged, match=r"diverged by step 6: .*lora_A.*learning_rate=0.01.*after step 4"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

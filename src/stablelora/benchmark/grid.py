@@ -290,8 +290,16 @@ def chosen_setting(cfg: CompareConfig, method: MethodSpec, records: dict[str, di
         return None
     if len(settings) == 1:
         return settings[0]
-    labels = {setting_label(s): s for s in settings}
-    rows = [{"setting": r["setting_label"], "seed": r["seed"], "validation": r["validation"]} for r in tuning]
+    # a setting that diverged on any tune seed failed: it cannot be chosen
+    failed = {r["setting_label"] for r in tuning if r.get("diverged")}
+    labels = {setting_label(s): s for s in settings if setting_label(s) not in failed}
+    if not labels:
+        raise CompareError(f"{cfg.path}: every setting of method '{method.name}' diverged while tuning; move its "
+                           "learning rates down (methods.<name>.learning_rates) and run again.")
+    if len(labels) == 1:
+        return next(iter(labels.values()))
+    rows = [{"setting": r["setting_label"], "seed": r["seed"], "validation": r["validation"]} for r in tuning
+            if r["setting_label"] in labels]
     return labels[select_on_validation(rows, key="setting", higher_is_better=cfg.higher_is_better)]
 
 

@@ -61,11 +61,14 @@ def _stop_statistics(by_module: dict[str, list]) -> dict | None:
 
 
 def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> dict:
+    diverged = sorted(r["seed"] for r in runs if r.get("diverged"))
+    runs = [r for r in runs if not r.get("diverged")]  # a diverged run has no score: it is counted, not averaged
+    baseline = {seed: r for seed, r in baseline.items() if not r.get("diverged")}
     tests = {r["seed"]: r["test"] for r in runs}
     stop_steps = _stop_steps_by_module(runs)
     entry = {"seeds": tests, "test": _summary(list(tests.values())), "paired_vs_baseline": None,
              "cost": {}, "cost_vs_baseline": {}, "stable_lora": _stop_statistics(stop_steps),
-             "stop_steps_by_module": stop_steps, "other_metrics": {}}
+             "stop_steps_by_module": stop_steps, "other_metrics": {}, "diverged_seeds": diverged}
     base_tests = {seed: r["test"] for seed, r in baseline.items()}
     if runs and runs[0]["method"] != cfg.baseline and len(set(tests) & set(base_tests)) >= 2:
         diff = paired_difference(tests, base_tests)
@@ -108,10 +111,11 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
         tuning = []
         for setting in method.settings():
             label = setting_label(setting)
-            values = [r["validation"] for r in records.values() if r["method"] == method.name
-                      and r["setting_label"] == label and r["seed"] in cfg.tune_seeds and r["validation"] is not None]
+            tuned = [r for r in records.values() if r["method"] == method.name and r["setting_label"] == label
+                     and r["seed"] in cfg.tune_seeds]
+            values = [r["validation"] for r in tuned if r["validation"] is not None]
             tuning.append({"setting": label, "validation_mean": statistics.fmean(values) if values else None,
-                           "n": len(values)})
+                           "n": len(values), "diverged": sum(1 for r in tuned if r.get("diverged"))})
         label = setting_label(chosen[method.name]) if chosen[method.name] else None
         runs = _final_records(cfg, records, method.name, label) if label else []
         # a choice at the end of a tuned range says the best value may lie beyond it: extend the grid
@@ -165,6 +169,11 @@ def _assignments(mapping: dict) -> str:
     return ", ".join(f"{key}={value}" for key, value in mapping.items())
 
 
+def _diverged(entry: dict) -> str:
+    seeds = entry.get("diverged_seeds")
+    return f" (diverged on seed(s) {', '.join(map(str, seeds))}: not in the mean)" if seeds else ""
+
+
 def _key_values(mapping: dict | None) -> str:
     return ", ".join(f"{key} {value}" for key, value in (mapping or {}).items()) or "not recorded"
 
@@ -192,8 +201,8 @@ def to_markdown(result: dict, command: str) -> str:
     ]
     for name, m in result["methods"].items():
         edge = " (end of its grid)" if m["chosen_at_grid_edge"] else ""
-        lines.append(f"| {name} | {m['chosen'] or 'tuning'}{edge} | {_pm(m['test'])} | {_best(result, m['test'])} "
-                     f"| {_delta(m)} |")
+        lines.append(f"| {name} | {m['chosen'] or 'tuning'}{edge} | {_pm(m['test'])}{_diverged(m)} | "
+                     f"{_best(result, m['test'])} | {_delta(m)} |")
     before = result.get("eval_before") or {}
     metric_eval, metric_key = result["metric"].split("/") if result["metric"] else (None, None)
     if metric_eval in before and metric_key in before[metric_eval]:
@@ -214,7 +223,7 @@ def to_markdown(result: dict, command: str) -> str:
                 lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} | {m['chosen']} "
                              f"| {_pm(m['test'])} | {_best(result, m['test'])} | {_delta(m)} |")
             lines.append(f"| {name} | {v['of']} | {_assignments(v['changes'])} | {v['setting'] or 'waiting'} "
-                         f"| {_pm(v['test'])} | {_best(result, v['test'])} | {_delta(v)} |")
+                         f"| {_pm(v['test'])}{_diverged(v)} | {_best(result, v['test'])} | {_delta(v)} |")
     everything = {**result["methods"], **result["variants"]}
     lines += ["", f"## Cost relative to `{result['baseline']}` (means over the same runs)", "",
               "| method | train wall s | × | tokens/s | × | peak memory MiB | × | optimizer state MiB | × |",
@@ -244,6 +253,8 @@ def to_markdown(result: dict, command: str) -> str:
     for name, m in result["methods"].items():
         for t in m["tuning"]:
             value = f"{t['validation_mean']:.4f} ({t['n']})" if t["validation_mean"] is not None else "–"
+            if t.get("diverged"):
+                value += f", diverged on {t['diverged']} seed(s)"
             lines.append(f"| {name} | {t['setting']} | {value} | {'✓' if t['setting'] == m['chosen'] else ''} |")
     other = sorted({k for m in everything.values() for k in m["other_metrics"]})
     if other:

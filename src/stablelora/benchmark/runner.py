@@ -141,6 +141,22 @@ def make_record(cfg: CompareConfig, run: PlannedRun, run_dir: Path, duration: fl
     }
 
 
+def make_diverged_record(cfg: CompareConfig, run: PlannedRun, run_dir: Path, duration: float) -> dict:
+    """A run whose weights stopped being finite: kept as an outcome (the setting failed), never as a score."""
+    diverged = json.loads((run_dir / "diverged.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {
+        "record_version": RECORD_VERSION,
+        "run_id": run.run_id, "method": run.method, "role": run.role, "seed": run.seed,
+        "setting": run.setting, "setting_label": setting_label(run.setting), "metric": cfg.metric,
+        "diverged": {"step": diverged["step"], "message": diverged["message"]},
+        "validation": None, "test": None, "train_loss": None, "run_seconds": duration,
+        "split": diverged["split"], "model": diverged["model"],
+        "overrides": _jsonable(run.overrides), "base_config_sha256": cfg.base_config_sha256,
+        "versions": config.get("versions"), "machine": machine(),
+    }
+
+
 def check_same_split(cfg: CompareConfig, records: dict[str, dict], record: dict) -> None:
     """Refuse a new run whose data split differs from the kept records' (same settings, but changed split code or
     data package): mixing them would compare methods on different examples, and no config check can see it."""
@@ -187,6 +203,8 @@ def execute(cfg: CompareConfig, run: PlannedRun) -> dict:
                 except subprocess.TimeoutExpired:
                     child.kill()
     duration = time.perf_counter() - started
+    if code != 0 and (run_dir / "diverged.json").exists():
+        return make_diverged_record(cfg, run, run_dir, duration)
     if code != 0:
         tail = log_path.read_text(errors="replace")[-2500:]
         raise CompareError(f"run {run.run_id} failed (exit {code}); its log is {log_path}. Last lines:\n{tail}\n"
@@ -247,9 +265,13 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
             write_json(cfg.records_dir / f"{run.run_id}.json", record)
             records[run.run_id] = record
             ran.append(record["run_seconds"])
-            validation = f"validation {record['validation']:.4f}, " if record["validation"] is not None else ""
-            log(f"[{position}/{total}] done in {_fmt_duration(record['run_seconds'])}: {validation}"
-                f"test {record['test']:.4f} ({record['metric']})")
+            if record.get("diverged"):
+                log(f"[{position}/{total}] DIVERGED by step {record['diverged']['step']} after "
+                    f"{_fmt_duration(record['run_seconds'])}: recorded as a failed setting, not as a score")
+            else:
+                validation = f"validation {record['validation']:.4f}, " if record["validation"] is not None else ""
+                log(f"[{position}/{total}] done in {_fmt_duration(record['run_seconds'])}: {validation}"
+                    f"test {record['test']:.4f} ({record['metric']})")
             write_results(cfg, records)
     finally:
         signal.signal(signal.SIGTERM, previous)

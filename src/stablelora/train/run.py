@@ -37,7 +37,8 @@ from stablelora.methods import ADAPTER_OPTIONS, lora_config_kwargs
 from stablelora.train.config import RunConfig
 from stablelora.train.data import (CausalCollator, ClassificationCollator, ListDataset, MultipleChoiceCollator,
                                    causal_sft_items)
-from stablelora.train.trainer import GracefulInterrupt, StableLoRATrainer, unwrap_optimizer
+from stablelora.train.trainer import (DivergenceGuard, GracefulInterrupt, StableLoRATrainer, TrainingDiverged,
+                                     unwrap_optimizer)
 
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta", "deberta-v2", "electra",
                  "albert"}
@@ -45,7 +46,11 @@ CAUSAL, ENCODER = "causal-lm", "encoder"
 
 
 class RunError(RuntimeError):
-    """A run that cannot start as configured; the message says how to fix it."""
+    """A run that cannot start or go on as configured; the message says how to fix it."""
+
+
+class RunDiverged(RunError):
+    """The run's weights stopped being finite; RUN/diverged.json says when and what, for compare."""
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -296,8 +301,8 @@ def versions() -> dict:
 RESUMABLE_KEYS = {"training.max_steps", "training.num_train_epochs", "training.save_steps", "training.save_total_limit",
                   "training.logging_steps", "training.disable_tqdm", "training.report_to", "training.output_dir"}
 # What a run writes into its directory (besides checkpoints/): cleared when a new run starts where one failed to.
-RUN_FILES = ("config.yaml", "eval_before.json", "metrics.json", "monitor.jsonl", "log_history.json",
-             "stable_lora_status.json", "adapter", "adapter_init", "tb")
+RUN_FILES = ("config.yaml", "eval_before.json", "metrics.json", "diverged.json", "monitor.jsonl",
+             "log_history.json", "stable_lora_status.json", "adapter", "adapter_init", "tb")
 
 
 def check_resumable(cfg: RunConfig) -> None:
@@ -306,6 +311,11 @@ def check_resumable(cfg: RunConfig) -> None:
     if (run_dir / "metrics.json").exists():
         raise RunError(f"--resume: the run in {run_dir} has finished (metrics.json is written); there is nothing to "
                        "continue. Its results stay as they are; start a new run in another output directory.")
+    if (run_dir / "diverged.json").exists():
+        step = json.loads((run_dir / "diverged.json").read_text(encoding="utf-8"))["step"]
+        raise RunError(f"--resume: the run in {run_dir} diverged by step {step} (diverged.json); with the same "
+                       "settings it would diverge again, and they cannot change on a resume. Start a new run with a "
+                       "lower training.learning_rate in another output directory.")
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
@@ -422,7 +432,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         write_json(before_path, eval_before)
 
     interrupt = GracefulInterrupt()
-    callbacks = [interrupt]
+    callbacks = [interrupt, DivergenceGuard(model)]
     if cfg.monitor.enabled:
         probe = pipeline.collator()(pipeline.train_items(task.train[: cfg.monitor.probe_examples]))
         callbacks.append(StabilityMonitor(model, probe, every=cfg.monitor.every,
@@ -436,7 +446,14 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         restore_finished_training(trainer, resume_from)  # killed after its last checkpoint: do not train again
         loss = train_loss(trainer.state.log_history)
     else:
-        loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+        try:
+            loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
+        except TrainingDiverged as err:
+            if main_process:
+                write_json(run_dir / "diverged.json", {"step": err.step, "message": str(err), "split": task.split_note,
+                                                       "model": cfg.model.name_or_path})
+                write_json(run_dir / "log_history.json", trainer.state.log_history)
+            raise RunDiverged(str(err)) from err
         if resume_from is not None:  # Trainer's figure covers only the steps after the resume
             loss = train_loss(trainer.state.log_history)
     wall = time.perf_counter() - started

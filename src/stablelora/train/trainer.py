@@ -13,6 +13,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from stablelora.methods import MethodArguments, build_optimizer
@@ -86,3 +88,48 @@ class GracefulInterrupt(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class TrainingDiverged(RuntimeError):
+    """Weights stopped being finite; ``step`` is the step at which the guard saw it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops a run whose trainable weights are no longer finite, before it logs or saves them.
+
+    A NaN/inf loss gives non-finite gradients and then weights (unless a GradScaler skips that step, which is no
+    divergence), so the weights are the one signal that holds; Trainer's logged loss cannot be trusted here, as it
+    replaces non-finite values by the running mean. Checked on every step that logs or saves and on the last one
+    (one host read each), so every checkpoint that exists is finite.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.last_finite_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_log or state.global_step >= state.max_steps:
+            self.check(state.global_step, args.learning_rate)
+
+    @torch.no_grad()
+    def check(self, step: int, learning_rate: float) -> None:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+        finite = torch.stack([torch.isfinite(t).all() for t in local]) if local else torch.ones(0, dtype=torch.bool)
+        flags = finite.to(torch.int32)
+        if dist.is_available() and dist.is_initialized():  # every rank must stop together (FSDP2 shards differ)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        if bool(flags.all()):
+            self.last_finite_step = step
+            return
+        bad = [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+        raise TrainingDiverged(
+            f"training diverged by step {step}: {len(bad)} trainable weight tensor(s) are no longer finite (NaN or "
+            f"inf), e.g. {bad[0]}. The likely cause is a learning rate too high for this model "
+            f"(training.learning_rate={learning_rate:g}); start a new run with a lower one, or with warmup_steps or "
+            f"max_grad_norm. Nothing was saved after step {self.last_finite_step}, the last step checked finite.",
+            step)
