@@ -206,3 +206,20 @@ def test_a_diverged_run_fails_loudly_and_writes_no_result(tmp_path, capsys):
     assert json.loads((run / "diverged.json").read_text())["step"] >= 1
     assert not (run / "metrics.json").exists() and not (run / "adapter").exists()
     assert _run(tmp_path, "nan", "training.max_steps=8", "training.learning_rate=1.0e+30", resume=True) == 2
+
+
+def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, capsys):
+    assert _run(tmp_path, "good") == 0
+    (tmp_path / "good" / "metrics.json").unlink()  # as if killed before finishing
+    for damaged in ("optimizer.pt", "rng_state.pth", "adapter_model.safetensors", "trainer_state.json"):
+        run = tmp_path / damaged
+        shutil.copytree(tmp_path / "good", run)
+        file = run / "checkpoints" / "checkpoint-4" / damaged
+        file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+        assert _run(tmp_path, damaged, resume=True) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint checkpoint-4 is damaged: {damaged} cannot be read" in err
+        assert "continue from checkpoint-2" in err
+    shutil.rmtree(tmp_path / "optimizer.pt" / "checkpoints" / "checkpoint-4")  # the way out the message offers
+    assert _run(tmp_path, "optimizer.pt", resume=True) == 0
+    assert json.loads((tmp_path / "optimizer.pt" / "metrics.json").read_text())["train_steps"] == 4

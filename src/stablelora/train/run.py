@@ -53,6 +53,28 @@ class RunDiverged(RunError):
     """The run's weights stopped being finite; RUN/diverged.json says when and what, for compare."""
 
 
+def check_checkpoint(checkpoint: Path) -> None:
+    """Read every file of a checkpoint before resuming from it, so a damaged one is named with the way out."""
+    from safetensors.torch import load_file
+
+    readers = {".json": lambda f: json.loads(f.read_text(encoding="utf-8")), ".safetensors": load_file,
+               ".pt": lambda f: torch.load(f, map_location="cpu", weights_only=False),
+               ".pth": lambda f: torch.load(f, map_location="cpu", weights_only=False)}
+    for file in sorted(checkpoint.iterdir()):
+        if file.is_file() and file.suffix in readers:
+            try:
+                readers[file.suffix](file)
+            except Exception as err:  # noqa: BLE001 - any failure to read means the same: this file is damaged
+                earlier = sorted((p for p in checkpoint.parent.glob("checkpoint-*") if p != checkpoint and
+                                  (p / "trainer_state.json").exists() and
+                                  int(p.name.split("-")[-1]) < int(checkpoint.name.split("-")[-1])),
+                                 key=lambda p: int(p.name.split("-")[-1]))
+                way_out = (f"Delete {checkpoint} and --resume again to continue from {earlier[-1].name}"
+                           if earlier else "Start the run again without --resume (there is no earlier checkpoint)")
+                raise RunError(f"--resume: checkpoint {checkpoint.name} is damaged: {file.name} cannot be read "
+                               f"({type(err).__name__}: {str(err)[:200]}). {way_out}.") from err
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest checkpoint Trainer finished writing (trainer_state.json is written last)."""
     done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
@@ -394,6 +416,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         raise RunError(f"--resume: no finished checkpoint in {checkpoints}. Start the run without --resume.")
     if resume:
         check_resumable(cfg)
+        check_checkpoint(resume_from)
     # Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
     main_process = int(os.environ.get("RANK", "0")) == 0
     run_dir.mkdir(parents=True, exist_ok=True)
