@@ -223,3 +223,9 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out(tmp_path, capsys):
     shutil.rmtree(tmp_path / "optimizer.pt" / "checkpoints" / "checkpoint-4")  # the way out the message offers
     assert _run(tmp_path, "optimizer.pt", resume=True) == 0
     assert json.loads((tmp_path / "optimizer.pt" / "metrics.json").read_text())["train_steps"] == 4
+
+
+def test_an_output_directory_that_cannot_be_written_is_a_message(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert _cli("train", "configs/minilm_privacyqa.yaml", "--output-dir", str(tmp_path / "a-file" / "run")) == 2
+    assert "Cannot write the run directory" in capsys.readouterr().err

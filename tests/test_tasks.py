@@ -114,3 +114,27 @@ def test_validation_is_carved_from_train_and_the_eval_split_ignores_the_training
         task_for("data.validation_size=10000")
     with pytest.raises(RunError, match="applies to generation \\(math\\) tasks only; task 'openbookqa'"):
         task_for("data.generate=false")
+
+
+@pytest.mark.parametrize("family, rows, message", [
+    ("multiple_choice", [{"question": "q", "choices": ["a", "b"], "label": 2}], r"b.jsonl:1: 'label' 2 is out of range"),
+    ("multiple_choice", [{"question": "q", "choices": ["a", "b"], "label": "a"}], "'label' must be an integer"),
+    ("multiple_choice", [{"question": "q", "choices": "ab", "label": 0}], "'choices' must be a list"),
+    ("classification", [{"text": "x", "label": 1.5}], "'label' must be an integer"),
+    ("classification", [{"text": "x", "label": 0}, {"text": "y", "label": 1}, {"text": "z", "label": 5}],
+     r"labels must be 0 to K-1 with every class present; found \[0, 1, 5\]"),
+    ("generation", [{"prompt": 3, "completion": "4"}], r"\['prompt'\] must be text"),
+])
+def test_jsonl_rows_with_bad_labels_or_types_are_refused_with_their_line(tmp_path, family, rows, message):
+    good = {"multiple_choice": {"question": "e", "choices": ["a", "b"], "label": 0},
+            "classification": {"text": "e", "label": 0}, "generation": {"prompt": "e", "completion": "1"}}[family]
+    bad = _jsonl(tmp_path / "b.jsonl", rows)
+    with pytest.raises(ValueError, match=message):
+        load_jsonl_task(bad, _jsonl(tmp_path / "e.jsonl", [good]), family)
+
+
+def test_jsonl_eval_label_never_seen_in_training_is_refused(tmp_path):
+    train = _jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    evaluation = _jsonl(tmp_path / "e.jsonl", [{"text": "c", "label": 2}])
+    with pytest.raises(ValueError, match=r"label\(s\) \[2\] never occur in"):
+        load_jsonl_task(train, evaluation, "classification")

@@ -191,6 +191,27 @@ JSONL_FIELDS = {
 }
 
 
+def _check_row_types(row: dict, family: str, where: str) -> None:
+    """Labels are integers in range and texts are strings, so a bad row fails here, not mid-training."""
+    label = row.get("label")
+    if family in (MULTIPLE_CHOICE, CLASSIFICATION) and (isinstance(label, bool) or not isinstance(label, int)):
+        raise ValueError(f"{where}: 'label' must be an integer (the index of the right choice or class), got "
+                         f"{label!r}.")
+    if family == MULTIPLE_CHOICE:
+        choices = row["choices"]
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: 'choices' must be a list of at least two strings, got {choices!r}.")
+        if not 0 <= label < len(choices):
+            raise ValueError(f"{where}: 'label' {label} is out of range for {len(choices)} choices (0 to "
+                             f"{len(choices) - 1}).")
+    if family == CLASSIFICATION and label < 0:
+        raise ValueError(f"{where}: 'label' must be >= 0, got {label}.")
+    texts = {GENERATION: ("prompt", "completion"), MULTIPLE_CHOICE: ("question",), CLASSIFICATION: ("text",)}[family]
+    bad = [k for k in texts if not isinstance(row[k], str)]
+    if bad:
+        raise ValueError(f"{where}: {bad} must be text (a JSON string).")
+
+
 def _read_jsonl(path: str, family: str) -> list[dict]:
     required = JSONL_FIELDS[family]
     rows = []
@@ -206,6 +227,7 @@ def _read_jsonl(path: str, family: str) -> list[dict]:
             if missing:
                 raise ValueError(f"{path}:{number}: missing field(s) {missing}; a '{family}' JSONL row needs "
                                  f"{list(required)} (see README, 'Your own data').")
+            _check_row_types(row, family, f"{path}:{number}")
             row.setdefault("context", "")
             row.setdefault("text_pair", None)
             if family == GENERATION:
@@ -227,7 +249,16 @@ def load_jsonl_task(train_file: str, eval_file: str, family: str) -> TaskData:
     if overlap:
         raise ValueError(f"{len(overlap)} example(s) appear in both {train_file} and {eval_file}; "
                          "train and eval must be disjoint.")
-    labels = {r["label"] for r in train + evaluation} if family == CLASSIFICATION else None
+    labels = None
+    if family == CLASSIFICATION:
+        labels = {r["label"] for r in train}
+        if labels != set(range(len(labels))):
+            raise ValueError(f"{train_file}: classification labels must be 0 to K-1 with every class present; found "
+                             f"{sorted(labels)}. Renumber them (a stray label would silently add a class to the head).")
+        unseen = sorted({r["label"] for r in evaluation} - labels)
+        if unseen:
+            raise ValueError(f"{eval_file}: label(s) {unseen} never occur in {train_file} (labels 0 to "
+                             f"{len(labels) - 1}); the model could not learn them.")
     return TaskData(Path(train_file).stem, family, train, evaluation,
                     f"local JSONL: train {train_file} ({len(train)}), eval {eval_file} ({len(evaluation)}).",
                     num_labels=(max(labels) + 1) if labels else None)

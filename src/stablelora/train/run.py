@@ -419,11 +419,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         check_checkpoint(resume_from)
     # Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        if not resume:
-            remove_failed_start(run_dir)
-        write_atomic(run_dir / "config.yaml", yaml.safe_dump({**cfg.raw, "versions": versions()}, sort_keys=False))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if main_process:
+            if not resume:
+                remove_failed_start(run_dir)
+            write_atomic(run_dir / "config.yaml", yaml.safe_dump({**cfg.raw, "versions": versions()}, sort_keys=False))
+    except OSError as err:
+        raise RunError(f"Cannot write the run directory {run_dir}: {err.strerror or err}. Choose a directory you can "
+                       "write to (--output-dir / training.output_dir).") from err
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tb")
 
     set_seed(cfg.training.seed)
