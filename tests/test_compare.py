@@ -438,3 +438,15 @@ def test_a_seed_that_diverged_at_the_chosen_setting_is_listed_not_averaged(tmp_p
     assert entry["diverged_seeds"] == [2] and entry["test"]["n"] == 2
     assert entry["paired_vs_baseline"]["n"] == 2
     assert "(diverged on seed(s) 2: not in the mean)" in to_markdown(result, "cmd")
+
+
+def test_ctrl_c_of_compare_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    import stablelora.benchmark.runner as runner
+    from stablelora.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_grid", interrupted)
+    assert main(["compare", str(_compare(tmp_path))]) == 130
+    assert "finished runs are kept in the records" in capsys.readouterr().err

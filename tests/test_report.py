@@ -35,10 +35,27 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
     with pytest.raises(ReportError, match="is not a run directory"):
         load_run(tmp_path)
     (tmp_path / "metrics.json").write_text("{}")
-    with pytest.raises(ReportError, match="no monitor data"):
-        load_run(tmp_path)
-    (tmp_path / "monitor.jsonl").write_text("{not json\n")
+    (tmp_path / "monitor.jsonl").write_text('{not json\n{"step": 1}\n')
     with pytest.raises(ReportError, match="monitor.jsonl:1 is not valid JSON"):
         load_run(tmp_path)
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_run_without_monitor_data_is_reported_with_what_it_has(tmp_path):
+    run = tmp_path / "no-monitor"
+    shutil.copytree(RUNS / "adamw", run)
+    (run / "monitor.jsonl").unlink()
+    report = write_report([run, RUNS / "stable-lora"], tmp_path / "out").read_text()
+    assert "no-monitor: adamw: no monitor data" in report
+    assert (tmp_path / "out" / "loss.png").exists() and (tmp_path / "out" / "norms.png").exists()
+    alone = write_report([run], tmp_path / "alone").read_text()
+    assert "](loss.png)" in alone and "](norms.png)" not in alone
+
+
+def test_a_truncated_last_monitor_line_is_dropped(tmp_path):
+    run = tmp_path / "killed"
+    shutil.copytree(RUNS / "stable-lora", run)
+    text = (run / "monitor.jsonl").read_text()
+    (run / "monitor.jsonl").write_text(text + text.splitlines()[-1][:40])  # killed while appending
+    assert len(load_run(run).records) == len(load_run(RUNS / "stable-lora").records)

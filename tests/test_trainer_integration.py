@@ -241,3 +241,18 @@ def test_a_run_whose_weights_turn_nan_stops_and_keeps_only_finite_checkpoints(tm
     with pytest.raises(TrainingDiverged, match=r"diverged by step 6: .*lora_A.*learning_rate=0.01.*after step 4"):
         trainer.train()
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from stablelora.fileio import write_json
+
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        save_adapter(tiny_llama_peft(), tmp_path / "adapter", None)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755

@@ -115,6 +115,12 @@ def _list(what: str) -> int:
     return 0
 
 
+_INTERRUPTED = {
+    "compare": "Interrupted: finished runs are kept in the records; the run in flight starts over. Run the same "
+               "command again to continue.",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_env()
     parser = argparse.ArgumentParser(prog="stablelora", description="Stable LoRA fine-tuning, offline.")
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"\n{err or 'Interrupted.'}", file=sys.stderr)
+        print(f"\n{str(err) or _INTERRUPTED.get(args.command, 'Interrupted.')}", file=sys.stderr)
         return 130
 
 

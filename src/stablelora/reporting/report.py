@@ -51,21 +51,19 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"{path} is not a directory; give run directories written by 'stablelora train'.")
     monitor = path / "monitor.jsonl"
     metrics_path, config_path = path / "metrics.json", path / "config.yaml"
-    if not monitor.exists():
-        if not metrics_path.exists() and not config_path.exists():
-            raise ReportError(f"{path} is not a run directory (no metrics.json, config.yaml or monitor.jsonl).")
-        raise ReportError(f"{path} has no monitor data (monitor.jsonl): it was trained with monitor.enabled=false "
-                          "or stopped before the first record. Re-run with the monitor on (the default).")
+    if not monitor.exists() and not metrics_path.exists() and not config_path.exists():
+        raise ReportError(f"{path} is not a run directory (no metrics.json, config.yaml or monitor.jsonl).")
     by_step: dict[int, dict] = {}
-    for n, line in enumerate(monitor.read_text().splitlines(), start=1):
+    lines = monitor.read_text().splitlines() if monitor.exists() else []  # none: trained with the monitor off
+    for n, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
+                if n == len(lines):  # the line being appended when the run was killed: drop it
+                    continue
                 raise ReportError(f"{monitor}:{n} is not valid JSON ({err.msg}).") from err
             by_step[record["step"]] = record  # a resumed run re-records steps after its checkpoint: keep the last
-    if not by_step:
-        raise ReportError(f"{monitor} is empty.")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
     history_path = path / "log_history.json"
@@ -93,6 +91,30 @@ def _series_by_type(run: Run, key: str) -> dict[str, tuple[list[int], list[float
     return dict(series)
 
 
+def _plot_norms(runs: list[Run], types: list[str], colours: dict, save) -> None:
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(types))
+    rows = -(-len(types) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, kind in zip(axes.flat, types):
+        for run in runs:
+            for key, style in (("a_norm", "-"), ("b_norm", "--")):
+                steps, values = _series_by_type(run, key).get(kind, ([], []))
+                if steps:
+                    ax.plot(steps, values, style, color=colours[run.label],
+                            label=f"{run.label} {'‖A‖' if key == 'a_norm' else '‖B‖'}")
+        ax.set_title(kind)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("median Frobenius norm")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(types):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    save(fig, "norms.png", "‖A‖_F (solid) and ‖B‖_F (dashed) per module type, median over layers")
+
+
 def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
     import matplotlib
 
@@ -114,27 +136,10 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
         images.append((name, caption))
 
     types = sorted({layer["type"] for run in runs for r in run.records for layer in r["layers"]})
-    cols = min(3, len(types))
-    rows = -(-len(types) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, kind in zip(axes.flat, types):
-        for run in runs:
-            for key, style in (("a_norm", "-"), ("b_norm", "--")):
-                steps, values = _series_by_type(run, key).get(kind, ([], []))
-                if steps:
-                    ax.plot(steps, values, style, color=colours[run.label],
-                            label=f"{run.label} {'‖A‖' if key == 'a_norm' else '‖B‖'}")
-        ax.set_title(kind)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("median Frobenius norm")
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(types):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    save(fig, "norms.png", "‖A‖_F (solid) and ‖B‖_F (dashed) per module type, median over layers")
+    if types:
+        _plot_norms(runs, types, colours, save)
 
-    stable_runs = [r for r in runs if r.records[-1]["summary"].get("shrinking_fraction") is not None]
+    stable_runs = [r for r in runs if r.records and r.records[-1]["summary"].get("shrinking_fraction") is not None]
     if stable_runs:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for run in stable_runs:
@@ -210,7 +215,7 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
              "| run | task | eval before → after | mean train loss | layers stopped | median stop step | "
              "final median δ1/δ2 |", "|---|---|---|---|---|---|---|"]
     for run in runs:
-        last = run.records[-1]
+        last = run.records[-1] if run.records else {"layers": [], "summary": {}}
         flags = [l for l in last["layers"] if "shrinking" in l]
         stopped = f"{sum(not l['shrinking'] for l in flags)}/{len(flags)}" if flags else "n/a"
         ratio = last["summary"].get("median_delta_ratio")
@@ -225,6 +230,9 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
         lines.append(f"| {run.label} | {task} | {evals} | {loss} | {stopped} | "
                      f"{median_stop if median_stop is not None else 'n/a'} | "
                      f"{f'{ratio:.3g}' if ratio else 'n/a'} |")
+    lines.append("")
+    lines += [f"{run.label}: no monitor data (monitor.jsonl; trained with monitor.enabled=false?), so no norm, "
+              "shrink or δ plots for it." for run in runs if not run.records]
     lines.append("")
     for name, caption in images:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
