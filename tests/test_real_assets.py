@@ -229,3 +229,15 @@ def test_an_output_directory_that_cannot_be_written_is_a_message(tmp_path, capsy
     (tmp_path / "a-file").write_text("")
     assert _cli("train", "configs/minilm_privacyqa.yaml", "--output-dir", str(tmp_path / "a-file" / "run")) == 2
     assert "Cannot write the run directory" in capsys.readouterr().err
+
+
+def test_unknown_target_modules_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from stablelora.train.run import TaskPipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the targets were checked")
+
+    monkeypatch.setattr(TaskPipeline, "load_model", never)
+    assert _run(tmp_path, "run", "lora.target_modules=[q_proj,v_proj]") == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: ['q_proj', 'v_proj'] not found in bert" in err and "'query'" in err

@@ -144,15 +144,34 @@ class TaskPipeline:
             raise RunError(f"Task '{task.name}' is classification, built for encoders here; use an encoder "
                            "(e.g. model.name_or_path=all-minilm-l6-v2).")
 
-    def load_model(self, model_dir: Path):
+    def check_targets(self, model_dir: Path) -> None:
+        """Refuse target modules the model does not have, from its architecture alone (no weights loaded)."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            skeleton = self.model_class().from_config(config)
+        names = [name for name, _ in skeleton.named_modules()]
+        # PEFT's rule for a list of names: a module matches when its name is the target or ends in ".target"
+        missing = sorted(t for t in self.lora_config().target_modules
+                         if not any(n == t or n.endswith(f".{t}") for n in names))
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+                             if isinstance(m, torch.nn.Linear)})
+            raise RunError(f"lora.target_modules: {missing} not found in {config.model_type} "
+                           f"({self.cfg.model.name_or_path}). Its linear layers are: {linear}.")
+
+    def model_class(self):
         from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
         if self.kind == CAUSAL:
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        if self.task.family == CLASSIFICATION:
-            return AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=self.task.num_labels or 2, dtype=torch.float32)
-        return AutoModelForMultipleChoice.from_pretrained(model_dir, dtype=torch.float32)
+            return AutoModelForCausalLM
+        return AutoModelForSequenceClassification if self.task.family == CLASSIFICATION else AutoModelForMultipleChoice
+
+    def load_model(self, model_dir: Path):
+        extra = {"num_labels": self.task.num_labels or 2} if self.kind == ENCODER and \
+            self.task.family == CLASSIFICATION else {}
+        return self.model_class().from_pretrained(model_dir, dtype=torch.float32, **extra)
 
     def lora_config(self):
         from peft import LoraConfig, TaskType
@@ -439,6 +458,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     kind = model_kind(model_dir)
     task = load_task_data(cfg)
     pipeline = TaskPipeline(cfg, task, kind, tokenizer)
+    pipeline.check_targets(model_dir)
     train_items = pipeline.train_items(task.train)
     model = build_peft_model(pipeline, model_dir, train_items)
     init_dir = None
