@@ -48,9 +48,10 @@ _STATE_DTYPES = {SHRINKING_KEY: torch.bool, SHRINK_STEPS_KEY: torch.int64}
 class LayerStatus:
     """Stable-LoRA status of one LoRA layer of one adapter.
 
-    ``stop_step`` is the 1-based optimizer step at which the stop rule held (that step did not shrink A);
-    ``None`` while the layer is still shrinking. ``shrink_steps`` counts the steps that multiplied A by
-    ``1 - shrink_ratio``.
+    ``stop_step`` is the 1-based step at which the stop rule held (that step did not shrink A); ``None`` while the
+    layer is still shrinking. ``shrink_steps`` counts the steps that multiplied A by ``1 - shrink_ratio``. Both
+    count the steps the layer took part in: the optimizer's step number, unless steps were skipped (an inf/NaN
+    step under a GradScaler, or no gradient for the layer).
     """
 
     name: str
