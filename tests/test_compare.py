@@ -337,16 +337,20 @@ def _processes_using(path: Path) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tiny_encoder):
-    base = {"model": {"name_or_path": str(tiny_encoder)},
+def _tiny_base(tiny_encoder: Path, monitor: dict) -> dict:
+    """A base run config that trains the tiny encoder for 3 steps: a real grid in seconds."""
+    return {"model": {"name_or_path": str(tiny_encoder)},
             "data": {"dataset": "piqa", "eval_size": 8, "validation_size": 8, "max_train_examples": 24,
                      "max_length": 48},
             "lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]},
-            "monitor": {"every": 1},
+            "monitor": monitor,
             "training": {"max_steps": 3, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True,
                          "report_to": []}}
-    _write(tmp_path / "base.yaml", base)
+
+
+@pytest.mark.slow
+def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tiny_encoder):
+    _write(tmp_path / "base.yaml", _tiny_base(tiny_encoder, {"every": 1}))
     config = _write(tmp_path / "compare.yaml", {
         "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-3, 1e-2],
         "tune_seeds": [0], "seeds": [0, 1],
@@ -398,14 +402,7 @@ def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tin
 
 @pytest.mark.slow
 def test_a_diverged_run_is_recorded_as_diverged_and_never_chosen(tmp_path, tiny_encoder):
-    base = {"model": {"name_or_path": str(tiny_encoder)},
-            "data": {"dataset": "piqa", "eval_size": 8, "validation_size": 8, "max_train_examples": 24,
-                     "max_length": 48},
-            "lora": {"r": 2, "alpha": 4, "target_modules": ["query", "value"]},
-            "monitor": {"enabled": False},
-            "training": {"max_steps": 3, "per_device_train_batch_size": 4, "save_strategy": "no", "use_cpu": True,
-                         "report_to": []}}
-    _write(tmp_path / "base.yaml", base)
+    _write(tmp_path / "base.yaml", _tiny_base(tiny_encoder, {"enabled": False}))
     config = _write(tmp_path / "compare.yaml", {
         "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-3, 1e30],
         "tune_seeds": [0], "seeds": [0, 1], "methods": {"adamw": {"set": {"method.optimizer": "adamw"}}}})
