@@ -33,7 +33,8 @@ def test_ddp_two_processes_equal_single_process(tmp_path, reference):
     stops = reference["stops"]
     assert any(s is not None for s in stops) and len({s for s in stops if s}) >= 2, stops
     assert got["stops"] == stops
-    assert got["tracked"][-1] < got["tracked"][0]  # layers left the buckets, on the same step on both ranks
+    assert got["tracked"][-1] < got["tracked"][0]  # layers left the buckets, on the same step on both ranks:
+    assert torch.load(f"{out}.tracked0") == torch.load(f"{out}.tracked1") == got["tracked"]
     assert all(not n.startswith("module.") for n in got["names"])  # DDP's prefix is not shown
     _close(got["params"], reference["params"])
 
@@ -45,6 +46,7 @@ def test_fsdp2_equals_single_process_and_resumes_exactly(tmp_path, reference):
     assert (2, 32) in [tuple(s) for s in got["local_shapes"]]  # A (4 x 32) really is sharded over 2 ranks
     assert got["straight"]["stops"] == reference["stops"]
     assert got["straight"]["tracked"][-1] < got["straight"]["tracked"][0]
+    assert torch.load(f"{out}.tracked0") == torch.load(f"{out}.tracked1") == got["straight"]["tracked"]
     _close(got["straight"]["params"], reference["params"])
     assert got["after_load"] == got["at_half"]  # flags and stop steps restored from the DCP checkpoint
     assert got["resumed"]["stops"] == got["straight"]["stops"]
