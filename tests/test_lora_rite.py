@@ -1,10 +1,11 @@
 """LoRA-RITE: the property it exists for (transformation invariance) and that it trains a real PEFT model."""
 
+import pytest
 import torch
 
 from stablelora.optim.lora_rite import LoRARITE
 from stablelora.optim.pairs import LoraPair, find_lora_pairs
-from tiny import batches, tiny_peft_model, train_step
+from tiny import batches, swap_like_accelerate_fsdp2, tiny_peft_model, train_step
 
 
 def _delta_z(a0, b0, target, steps=3):
@@ -58,3 +59,12 @@ def test_trains_a_peft_model_from_zero_B_and_resumes():
         train_step(clone, clone_opt, b)
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_parameter_swap_after_building_is_refused_not_silently_adamw():
+    """Under Trainer + FSDP2 the factors would be swapped for shards; LoRA-RITE would then update them as AdamW."""
+    built_on, trained = tiny_peft_model(), tiny_peft_model()
+    opt = LoRARITE([p for p in built_on.parameters() if p.requires_grad], find_lora_pairs(built_on), lr=1e-2)
+    swap_like_accelerate_fsdp2(opt, built_on, trained)
+    with pytest.raises(RuntimeError, match="LoRA-RITE: the LoRA factors it was built with are no longer"):
+        train_step(trained, opt, batches(1)[0])

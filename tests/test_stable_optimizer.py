@@ -14,7 +14,7 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
 from stablelora import create_stablelora_optimizer, find_lora_pairs
-from tiny import TinyNet, batches, tiny_peft_model, train_step
+from tiny import TinyNet, batches, swap_like_accelerate_fsdp2, tiny_peft_model, train_step
 
 
 class ReferenceStableLoRA:
@@ -413,27 +413,12 @@ def test_error_closure_required_optimizer_and_non_optimizer():
         create_stablelora_optimizer(tiny_peft_model(), dict, shrink_ratio=0.001)
 
 
-def _swap_like_accelerate_fsdp2(opt: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module) -> None:
-    """What Accelerate's ``_prepare_fsdp2`` does to an optimizer built before sharding: every parameter becomes a
-    placeholder that remembers the old data_ptr, then ``fsdp2_switch_optimizer_parameters`` puts the new one in."""
-    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
-
-    new_by_name = dict(new_model.named_parameters())
-    mapping = {p.data_ptr(): new_by_name[n] for n, p in old_model.named_parameters()}
-    for group in opt.param_groups:
-        for i, p in enumerate(group["params"]):
-            placeholder = torch.empty(1, dtype=p.dtype)
-            placeholder.data_ptr = p.data_ptr()
-            group["params"][i] = placeholder
-    fsdp2_switch_optimizer_parameters(opt, mapping)
-
-
 def test_follows_accelerate_fsdp2_parameter_swap():
     """Trainer + Accelerate FSDP2 build the optimizer, then swap every parameter for a new tensor. The shrink must
     act on the parameters the optimizer steps, and state_dict must still work."""
     built_on, trained, ref_model = tiny_peft_model(), tiny_peft_model(), tiny_peft_model()
     opt = create_stablelora_optimizer(built_on, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    _swap_like_accelerate_fsdp2(opt, built_on, trained)
+    swap_like_accelerate_fsdp2(opt, built_on, trained)
     ref = adamw_reference(ref_model)
     for batch in batches(60):
         train_step(trained, opt, batch)

@@ -66,3 +66,18 @@ def token_items(n: int, vocab: int = 64, length: int = 12, seed: int = 0) -> lis
         ids = torch.randint(1, vocab, (length,), generator=g).tolist()
         items.append({"input_ids": ids, "labels": [-100] * 4 + ids[4:]})
     return items
+
+
+def swap_like_accelerate_fsdp2(opt: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module) -> None:
+    """What Accelerate's ``_prepare_fsdp2`` does to an optimizer built before sharding: every parameter becomes a
+    placeholder that remembers the old data_ptr, then ``fsdp2_switch_optimizer_parameters`` puts the new one in."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    new_by_name = dict(new_model.named_parameters())
+    mapping = {p.data_ptr(): new_by_name[n] for n, p in old_model.named_parameters()}
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            placeholder = torch.empty(1, dtype=p.dtype)
+            placeholder.data_ptr = p.data_ptr()
+            group["params"][i] = placeholder
+    fsdp2_switch_optimizer_parameters(opt, mapping)

@@ -89,6 +89,12 @@ class LoRARITE(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        live = {id(p) for g in self.param_groups for p in g["params"]}
+        if not self._paired <= live:
+            raise RuntimeError(
+                "LoRA-RITE: the LoRA factors it was built with are no longer the optimizer's parameters; something "
+                "replaced them after it was built (Accelerate's FSDP2 swaps them for shards). LoRA-RITE needs whole "
+                "A and B matrices: train it unsharded (one process or DDP), or use stable-lora / adamw under FSDP2.")
         self._step += 1
         updates = {}
         for pair in self._pairs:
