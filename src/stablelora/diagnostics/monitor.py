@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from stablelora.optim.distributed import full_tensor
 from stablelora.optim.pairs import LoraPair, find_lora_pairs
 
 
@@ -37,12 +38,6 @@ def module_type(module_name: str) -> str:
     if len(parts) >= 2 and parts[-1] == "dense":  # BERT-style names: the parent says which dense it is
         return ".".join(parts[-3:] if len(parts) >= 3 and parts[-3] == "attention" else parts[-2:])
     return parts[-1] if parts else module_name
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor, detached: gathered from all ranks when FSDP2 shards it (every rank must call this)."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -110,7 +105,7 @@ class StabilityMonitor(TrainerCallback):
             for h in hooks:
                 h.remove()
             self.model.train(was_training)
-        self._snapshot = {pair.name: (_full(pair.lora_A).clone(), _full(pair.lora_B).clone(), inputs.get(pair.name))
+        self._snapshot = {pair.name: (full_tensor(pair.lora_A).clone(), full_tensor(pair.lora_B).clone(), inputs.get(pair.name))
                           for pair, _, _ in layers}
 
     @torch.no_grad()
@@ -125,7 +120,7 @@ class StabilityMonitor(TrainerCallback):
         layers = []
         for pair, _, scale in self._layers():
             a0, b0, x = self._snapshot[pair.name]
-            a1, b1 = _full(pair.lora_A), _full(pair.lora_B)
+            a1, b1 = full_tensor(pair.lora_A), full_tensor(pair.lora_B)
             layer = {
                 "name": pair.name, "type": module_type(pair.module_name),
                 "in": pair.in_features, "out": pair.out_features,

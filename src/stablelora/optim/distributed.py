@@ -34,6 +34,20 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached: gathered from every rank when FSDP2 shards it (a collective: all ranks call it)."""
+    t = t.detach()
+    dtensor = _dtensor_cls()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def all_ranks_min(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum over all ranks (in place), or ``t`` itself outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def shard_groups(t: torch.Tensor) -> tuple:
     """Process groups over which ``t`` is sharded: its norm needs a sum over each of them."""
     dtensor = _dtensor_cls()

@@ -34,6 +34,7 @@ from stablelora.fileio import umask_mode, write_atomic, write_json
 from stablelora.eval.math import evaluate_math
 from stablelora.eval.multiple_choice import evaluate_causal_mc, evaluate_encoder_mc
 from stablelora.methods import ADAPTER_OPTIONS, lora_config_kwargs
+from stablelora.optim.distributed import full_tensor, local_tensor
 from stablelora.train.config import RunConfig
 from stablelora.train.data import (CausalCollator, ClassificationCollator, ListDataset, MultipleChoiceCollator,
                                    causal_sft_items)
@@ -269,9 +270,9 @@ def gather_trainable(model) -> dict[str, torch.Tensor] | None:
     """The trainable weights as whole CPU tensors when FSDP2 shards them (a collective: call it on every rank),
     else None (nothing to gather)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not any(hasattr(p, "full_tensor") for _, p in params):
+    if all(local_tensor(p) is p for _, p in params):  # no DTensor: the model's own weights are whole
         return None
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in params}
+    return {n: full_tensor(p).cpu() for n, p in params}
 
 
 def save_adapter(model, target: Path, init_dir: Path | None, state_dict: dict | None = None) -> None:

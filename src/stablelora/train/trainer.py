@@ -14,11 +14,10 @@ import signal
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from stablelora.methods import MethodArguments, build_optimizer
-from stablelora.optim.distributed import DEEPSPEED_MESSAGE
+from stablelora.optim.distributed import DEEPSPEED_MESSAGE, all_ranks_min, local_tensor
 
 
 def unwrap_optimizer(optimizer):
@@ -118,11 +117,9 @@ class DivergenceGuard(TrainerCallback):
     @torch.no_grad()
     def check(self, step: int, learning_rate: float) -> None:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
-        finite = torch.stack([torch.isfinite(t).all() for t in local]) if local else torch.ones(0, dtype=torch.bool)
-        flags = finite.to(torch.int32)
-        if dist.is_available() and dist.is_initialized():  # every rank must stop together (FSDP2 shards differ)
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        finite = [torch.isfinite(local_tensor(p)).all() for _, p in named]
+        # every rank must stop together (FSDP2 shards differ)
+        flags = all_ranks_min(torch.stack(finite).to(torch.int32) if finite else torch.ones(0, dtype=torch.int32))
         if bool(flags.all()):
             self.last_finite_step = step
             return
