@@ -117,15 +117,25 @@ def _stops_by_module(status_path: Path) -> dict | None:
     return {"layers": status["layers"], "stopped": status["stopped"], "stop_steps_by_module": by_module}
 
 
+def _identity(run: PlannedRun) -> dict:
+    """The fields that say which run a record is: first in every record."""
+    return {"record_version": RECORD_VERSION, "run_id": run.run_id, "method": run.method, "role": run.role,
+            "seed": run.seed, "setting": run.setting, "setting_label": setting_label(run.setting)}
+
+
+def _provenance(cfg: CompareConfig, run: PlannedRun, run_dir: Path) -> dict:
+    """The fields that say what made a record (checked when the records are loaded): last in every record."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {"overrides": _jsonable(run.overrides), "base_config_sha256": cfg.base_config_sha256,
+            "versions": config.get("versions"), "machine": machine()}
+
+
 def make_record(cfg: CompareConfig, run: PlannedRun, run_dir: Path, duration: float) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     eval_name, key = _metric_key(cfg, metrics)
     validation = (metrics.get("eval_validation") or {}).get(eval_name, {}).get(key)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     return {
-        "record_version": RECORD_VERSION,
-        "run_id": run.run_id, "method": run.method, "role": run.role, "seed": run.seed,
-        "setting": run.setting, "setting_label": setting_label(run.setting),
+        **_identity(run),
         "metric": f"{eval_name}/{key}", "validation": validation, "test": metrics["eval_after"][eval_name][key],
         "eval_after": _numeric(metrics["eval_after"]), "eval_validation": _numeric(metrics.get("eval_validation")),
         "eval_before": _numeric(metrics["eval_before"]),
@@ -136,24 +146,19 @@ def make_record(cfg: CompareConfig, run: PlannedRun, run_dir: Path, duration: fl
         "optimizer_state_bytes": metrics.get("optimizer_state_bytes"),
         "stable_lora": _stops_by_module(run_dir / "stable_lora_status.json"),
         "split": metrics["split"], "model": metrics["model"],
-        "overrides": _jsonable(run.overrides), "base_config_sha256": cfg.base_config_sha256,
-        "versions": config.get("versions"), "machine": machine(),
+        **_provenance(cfg, run, run_dir),
     }
 
 
 def make_diverged_record(cfg: CompareConfig, run: PlannedRun, run_dir: Path, duration: float) -> dict:
     """A run whose weights stopped being finite: kept as an outcome (the setting failed), never as a score."""
     diverged = json.loads((run_dir / "diverged.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     return {
-        "record_version": RECORD_VERSION,
-        "run_id": run.run_id, "method": run.method, "role": run.role, "seed": run.seed,
-        "setting": run.setting, "setting_label": setting_label(run.setting), "metric": cfg.metric,
+        **_identity(run), "metric": cfg.metric,
         "diverged": {"step": diverged["step"], "message": diverged["message"]},
         "validation": None, "test": None, "train_loss": None, "run_seconds": duration,
         "split": diverged["split"], "model": diverged["model"],
-        "overrides": _jsonable(run.overrides), "base_config_sha256": cfg.base_config_sha256,
-        "versions": config.get("versions"), "machine": machine(),
+        **_provenance(cfg, run, run_dir),
     }
 
 
