@@ -9,6 +9,7 @@ directory and renames it into place, so an interrupted conversion never leaves a
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -145,18 +146,32 @@ NAMED_MODELS: dict[str, NamedModel] = {
 }
 
 
+def check_model_dir(name_or_path: str) -> Path:
+    """A local model directory that holds a config with a model_type and weights, else an error saying what is
+    missing. Run at config load, before anything is loaded, and again when the model is resolved."""
+    path = Path(name_or_path).expanduser()
+    key = f"model.name_or_path={name_or_path!r}"
+    if not (path / "config.json").is_file():
+        what = "is a directory without config.json" if path.is_dir() else "is neither a local model directory nor " \
+            "a named offline model"
+        raise FileNotFoundError(f"{key} {what}. Give a Hugging Face model directory (model.save_pretrained(dir) "
+                                f"writes one), or one of: {', '.join(NAMED_MODELS)}.")
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise FileNotFoundError(f"{key}: {path / 'config.json'} is not a JSON object ({err}).") from err
+    if not model_type:
+        raise FileNotFoundError(f"{key}: {path / 'config.json'} has no 'model_type', so transformers cannot tell "
+                                "which architecture to build. Save the model with model.save_pretrained(dir), which "
+                                "writes it.")
+    if not [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)]:
+        raise FileNotFoundError(f"{key}: the directory has no weights (*.safetensors or *.bin). Save the whole model "
+                                "with model.save_pretrained(dir), not only its config.")
+    return path
+
+
 def resolve_model(name_or_path: str) -> Path:
     """A local HF model directory for a named offline model or an existing directory."""
     if name_or_path in NAMED_MODELS:
         return NAMED_MODELS[name_or_path].fetch()
-    path = Path(name_or_path).expanduser()
-    if (path / "config.json").exists():
-        return path
-    names = ", ".join(NAMED_MODELS)
-    if path.exists():
-        raise FileNotFoundError(f"model.name_or_path '{name_or_path}' is a directory without config.json: not a "
-                                "Hugging Face model directory (save one with model.save_pretrained(dir)).")
-    raise FileNotFoundError(
-        f"model.name_or_path '{name_or_path}' is neither a local model directory nor a named offline model. "
-        f"Give a directory containing config.json, or one of: {names}."
-    )
+    return check_model_dir(name_or_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
 import types
 import typing
@@ -274,7 +273,7 @@ def check_values(built: dict[str, Any]) -> None:
              "must be > 0, or -1 to train for num_train_epochs")
     _require(training.max_steps > 0 or training.num_train_epochs > 0, "training.num_train_epochs",
              training.num_train_epochs, "must be > 0 when training.max_steps is not set")
-    from stablelora.assets.models import NAMED_MODELS
+    from stablelora.assets.models import NAMED_MODELS, check_model_dir
     from stablelora.assets.tasks import TASKS
 
     if data.dataset != "jsonl" and data.dataset not in TASKS:
@@ -286,28 +285,10 @@ def check_values(built: dict[str, Any]) -> None:
             _require(path is not None and Path(path).is_file(), f"data.{key}", path,
                      "data.dataset=jsonl needs an existing JSONL file here")
     if built["model"].name_or_path not in NAMED_MODELS:
-        check_model_dir(Path(built["model"].name_or_path).expanduser(), tuple(NAMED_MODELS))
-
-
-def check_model_dir(path: Path, named: tuple[str, ...]) -> None:
-    """A local model directory must hold a config with a model_type and weights, else say what is missing."""
-    key = f"model.name_or_path={str(path)!r}"
-    if not (path / "config.json").is_file():
-        what = "is a directory without config.json" if path.is_dir() else "is neither a local model directory nor " \
-            "a named offline model"
-        raise ConfigError(f"{key} {what}. Give a Hugging Face model directory (model.save_pretrained(dir) writes "
-                          f"one), or one of: {', '.join(named)}.")
-    try:
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ConfigError(f"{key}: {path / 'config.json'} is not a JSON object ({err}).") from err
-    if not model_type:
-        raise ConfigError(f"{key}: {path / 'config.json'} has no 'model_type', so transformers cannot tell which "
-                          "architecture to build. Save the model with model.save_pretrained(dir), which writes it.")
-    weights = [p for pattern in ("*.safetensors", "*.bin") for p in path.glob(pattern)]
-    if not weights:
-        raise ConfigError(f"{key}: the directory has no weights (*.safetensors or *.bin). Save the whole model with "
-                          "model.save_pretrained(dir), not only its config.")
+        try:
+            check_model_dir(built["model"].name_or_path)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from err
 
 
 def _plain(value: Any) -> Any:
