@@ -353,14 +353,13 @@ class StableLoRAOptimizerMixin:
         missing = 0
         for layer, position in enumerate(self._index_of_A()):
             saved = ours.get(saved_keys[position], {})
+            lora_A = self._live_factors(layer)[0]
             if set(saved) != set(_STATE_DTYPES):
                 missing += 1
-                saved = self._fresh_layer_state(self._live_factors(layer)[0])
-            self._layer_state[layer] = {
-                name: local_tensor(value).to(device=local_tensor(self._live_factors(layer)[0]).device,
-                                             dtype=_STATE_DTYPES[name]).clone()
-                for name, value in saved.items()
-            }
+                saved = self._fresh_layer_state(lora_A)
+            device = local_tensor(lora_A).device
+            self._layer_state[layer] = {name: local_tensor(value).to(device=device, dtype=_STATE_DTYPES[name]).clone()
+                                        for name, value in saved.items()}
         if missing:
             warnings.warn(
                 f"The loaded optimizer state has no Stable-LoRA status for {missing} of {len(self._lora_pairs)} "

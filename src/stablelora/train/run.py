@@ -66,20 +66,27 @@ def check_checkpoint(checkpoint: Path) -> None:
             try:
                 readers[file.suffix](file)
             except Exception as err:  # noqa: BLE001 - any failure to read means the same: this file is damaged
-                earlier = sorted((p for p in checkpoint.parent.glob("checkpoint-*") if p != checkpoint and
-                                  (p / "trainer_state.json").exists() and
-                                  int(p.name.split("-")[-1]) < int(checkpoint.name.split("-")[-1])),
-                                 key=lambda p: int(p.name.split("-")[-1]))
+                earlier = [p for p in finished_checkpoints(checkpoint.parent) if _step_of(p) < _step_of(checkpoint)]
                 way_out = (f"Delete {checkpoint} and --resume again to continue from {earlier[-1].name}"
                            if earlier else "Start the run again without --resume (there is no earlier checkpoint)")
                 raise RunError(f"--resume: checkpoint {checkpoint.name} is damaged: {file.name} cannot be read "
                                f"({type(err).__name__}: {str(err)[:200]}). {way_out}.") from err
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint Trainer finished writing (trainer_state.json is written last)."""
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def finished_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The checkpoints Trainer finished writing (trainer_state.json is written last), oldest first."""
     done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(done, key=_step_of)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest finished checkpoint, or None."""
+    done = finished_checkpoints(checkpoint_dir)
+    return done[-1] if done else None
 
 
 def model_kind(model_dir: Path) -> str:
@@ -364,9 +371,7 @@ def check_resumable(cfg: RunConfig) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     changed = []
-    for section in sorted(set(saved) | set(cfg.raw) - {"versions"}):
-        if section == "versions":
-            continue
+    for section in sorted((set(saved) | set(cfg.raw)) - {"versions"}):
         old, new = saved.get(section) or {}, cfg.raw.get(section) or {}
         for key in sorted(set(old) | set(new)):
             if f"{section}.{key}" not in RESUMABLE_KEYS and old.get(key) != new.get(key):
