@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import gc
 import multiprocessing
 import os
 import sys
+import traceback
 from datetime import timedelta
 
 import torch
@@ -16,24 +18,36 @@ from stablelora import create_stablelora_optimizer
 from tiny import tiny_llama_peft
 
 STEPS, GLOBAL_BATCH, SHRINK, LR = 24, 8, 0.2, 1e-2
+
+
+# a rank here needs 5-40 s; one that waits this long for a peer raises instead of hanging the test run
 COLLECTIVE_TIMEOUT = timedelta(seconds=180)
+RANK_DEADLINE_S = COLLECTIVE_TIMEOUT.total_seconds() + 30  # past this a rank prints its stacks and exits
 
 
 def spawned(worker):
-    """One rank of a spawned test, run so that gloo cannot deadlock it: garbage collection off (a collection that
-    frees a finished gloo work object on the main thread, while gloo's own thread waits for the GIL, hung a rank),
-    and after success a hard exit (the process group's destructor, run while freeing the model with the GIL held,
-    joins that same thread). Called in the test process itself (one rank, no spawn), it is a plain call."""
+    """One rank of a spawned test, run so that gloo cannot hang the test run. Garbage collection is off (a
+    collection that freed a finished gloo work object on the main thread, while gloo's own thread waited for the
+    GIL, hung a rank). The rank always ends with a hard exit, after success and after an error alike: the process
+    group's destructor, run at interpreter exit with the GIL held, can join gloo's thread forever, and a rank that
+    never exits keeps ``torch.multiprocessing`` waiting. A rank still running after RANK_DEADLINE_S prints every
+    thread's stack and exits. Called in the test process itself (one rank, no spawn), it is a plain call."""
 
     @functools.wraps(worker)
     def run(*args):
         if multiprocessing.parent_process() is None:
             return worker(*args)
         gc.disable()
-        worker(*args)
+        faulthandler.dump_traceback_later(RANK_DEADLINE_S, exit=True)
+        code = 0
+        try:
+            worker(*args)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
 
     return run
 
@@ -67,7 +81,6 @@ def single_process_reference() -> dict:
 
 def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), STABLELORA_CHECK_REPLICAS="1")
-    # a rank waiting for a peer that died fails after this long instead of hanging the test run
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
 
 

@@ -1,10 +1,13 @@
 """Stable-LoRA under DDP and FSDP2 (CPU, gloo, 2 processes) equals the single-process run."""
 
 import socket
+import time
+import warnings
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 import distributed_workers as w
 
@@ -13,6 +16,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ranks(worker, *args, world: int = 2) -> None:
+    """Run ``worker(rank, world, port, *args)`` on ``world`` spawned gloo ranks and wait for all of them.
+
+    A rank error fails the test at once. A hang never blocks the run: ranks print their stacks and exit after
+    ``w.RANK_DEADLINE_S``, and are killed a little later. A run that only ended through those timeouts (a
+    peer's collective timed out, or the deadline struck) is a hang, not a result; gloo's thread and the GIL can
+    deadlock a rank (pytorch/pytorch#56297), so such a run is started once more, with a warning, and a second
+    hang fails the test. Wrong results are never retried."""
+    for attempt in (1, 2):
+        start = time.monotonic()
+        ranks = mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=False,
+                                   start_method="spawn")
+        try:
+            while not ranks.join(timeout=5):
+                if time.monotonic() - start > w.RANK_DEADLINE_S + 30:
+                    for process in ranks.processes:
+                        process.kill()
+                        process.join()
+                    raise ProcessException("the ranks were killed at the deadline", 0, ranks.processes[0].pid)
+            return
+        except ProcessException as error:
+            elapsed = time.monotonic() - start
+            if elapsed < w.COLLECTIVE_TIMEOUT.total_seconds() or attempt == 2:
+                raise
+            warnings.warn(f"{worker.__name__}: the ranks hung ({error}, after {elapsed:.0f} s; their stacks are "
+                          "in the captured output); starting them once more")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +59,7 @@ def _close(a: dict, b: dict) -> None:
 
 def test_ddp_two_processes_equal_single_process(tmp_path, reference):
     out = tmp_path / "ddp.pt"
-    mp.spawn(w.ddp_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    run_ranks(w.ddp_worker, str(out))
     got = torch.load(out, weights_only=True)
     stops = reference["stops"]
     assert any(s is not None for s in stops) and len({s for s in stops if s}) >= 2, stops
@@ -41,7 +72,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path, reference):
 
 def test_fsdp2_equals_single_process_and_resumes_exactly(tmp_path, reference):
     out, ckpt = tmp_path / "fsdp2.pt", tmp_path / "ckpt"
-    mp.spawn(w.fsdp2_worker, args=(2, _free_port(), str(out), str(ckpt)), nprocs=2)
+    run_ranks(w.fsdp2_worker, str(out), str(ckpt))
     got = torch.load(out, weights_only=True)
     assert (2, 32) in [tuple(s) for s in got["local_shapes"]]  # A (4 x 32) really is sharded over 2 ranks
     assert got["straight"]["stops"] == reference["stops"]
@@ -84,7 +115,7 @@ def test_trainer_with_the_factory_under_accelerate_fsdp2_matches_one_process(tmp
     the optimizer's parameters for DTensors. Two gloo processes must train exactly as one, stop steps included."""
     single, sharded = tmp_path / "one.pt", tmp_path / "two.pt"
     w.trainer_worker(0, 1, 0, str(single))
-    mp.spawn(w.trainer_worker, args=(2, _free_port(), str(sharded)), nprocs=2)
+    run_ranks(w.trainer_worker, str(sharded))
     one, two = torch.load(single, weights_only=True), torch.load(sharded, weights_only=True)
     assert two["sharded"] == "DTensor" and one["sharded"] == "Parameter"
     stops = one["stops"]
@@ -105,7 +136,7 @@ def test_stablelora_train_under_accelerate_fsdp2_saves_a_whole_adapter(tmp_path)
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    mp.spawn(w.stablelora_train_fsdp2_worker, args=(2, _free_port(), str(run)), nprocs=2)
+    run_ranks(w.stablelora_train_fsdp2_worker, str(run))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_steps"] == 4 and metrics["stable_lora"]["layers"] == 37
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
