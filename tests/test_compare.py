@@ -88,6 +88,18 @@ def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_
     assert all(r.overrides["training.learning_rate"] == 1e-3 for r in variant)
 
 
+def test_run_ids_are_exact_unique_and_ascii(tmp_path):
+    ids = {run_id("adamw", {"training.learning_rate": lr}, 0) for lr in (1e-4, 1.5e-4, 2e-4, 2.5e-4, 3e-4)}
+    assert len(ids) == 5 and "adamw__lr=2.5e-04__seed0" in ids  # one significant digit made 1e-4 = 1.5e-4
+    assert setting_label({"training.learning_rate": 3.16e-4}) == "lr=3.16e-04"
+    assert run_id("λ=0.001", {"training.learning_rate": 5e-4}, 2) == "lamda=0.001__lr=5e-04__seed2"
+    assert run_id("é", {"training.learning_rate": 5e-4}, 2).isascii()
+    twins = {"a b": {"set": {"method.optimizer": "adamw"}}, "a_b": {"set": {"method.optimizer": "adamw"}}}
+    with pytest.raises(CompareError, match=r"'a b' at lr=1e-04, seed 0 and 'a_b' at lr=1e-04, seed 0 would both be "
+                                           r"named 'a_b__lr=1e-04__seed0'; rename one"):
+        load_compare_config(_compare(tmp_path, methods=twins, baseline="a b", variants={}))
+
+
 def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_compare_config(_compare(tmp_path))

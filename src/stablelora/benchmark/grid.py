@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,18 @@ class CompareConfig:
         return per_method + len(self.variants) * len(self.seeds)
 
 
+def rate_label(rate: float) -> str:
+    """The shortest scientific notation that reads back as exactly this rate (1e-04, 1.5e-04, 2.5e-04), so that
+    two rates never share a label or a run id."""
+    return next(text for digits in range(17) if float(text := f"{rate:.{digits}e}") == rate)
+
+
 def setting_label(setting: dict[str, Any]) -> str:
     """'lr=5e-04, shrink_ratio=0.002': short keys, for tables and run names."""
     parts = []
     for key, value in setting.items():
         short = "lr" if key == LEARNING_RATE else key.split(".", 1)[1]
-        parts.append(f"{short}={value:.0e}" if key == LEARNING_RATE else f"{short}={_plain(value)}")
+        parts.append(f"{short}={rate_label(value)}" if key == LEARNING_RATE else f"{short}={_plain(value)}")
     return ", ".join(parts)
 
 
@@ -109,12 +116,38 @@ def _plain(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _ascii(text: str) -> str:
+    """Accents dropped (é -> e) and other letters spelled by their Unicode name (λ -> lamda)."""
+    letters = []
+    for char in unicodedata.normalize("NFKD", text):
+        if char.isascii():
+            letters.append(char)
+        elif not unicodedata.combining(char):
+            letters.append(unicodedata.name(char, "_").split()[-1].lower())
+    return "".join(letters)
+
+
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_")
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", _ascii(text)).strip("_")
 
 
 def run_id(method: str, setting: dict[str, Any], seed: int) -> str:
+    """A run's name, readable and safe as a file name: method, setting and seed."""
     return f"{_slug(method)}__{_slug(setting_label(setting))}__seed{seed}"
+
+
+def _check_unique_run_ids(cfg: CompareConfig) -> None:
+    """Every run the config can plan gets its own id; two that shared one would share a record."""
+    names: dict[str, str] = {}
+    runs = [(m.name, s) for m in cfg.methods.values() for s in m.settings()]
+    runs += [(v.name, s) for v in cfg.variants.values() for s in cfg.methods[v.of].settings()]
+    for name, setting in runs:
+        for seed in cfg.seeds:
+            rid, described = run_id(name, setting, seed), f"'{name}' at {setting_label(setting)}, seed {seed}"
+            if rid in names:
+                raise CompareError(f"{cfg.path}: {names[rid]} and {described} would both be named '{rid}'; "
+                                   "rename one of the methods or variants.")
+            names[rid] = described
 
 
 def _section_keys(mapping: Any, where: str) -> dict[str, Any]:
@@ -243,6 +276,7 @@ def load_compare_config(path: str | Path, output_dir: str | None = None) -> Comp
         output_dir=Path(out), overrides=_section_keys(data.get("overrides"), f"{path}: overrides"),
         baseline=baseline, tune_seeds=tune_seeds, seeds=seeds, metric=metric, higher_is_better=higher,
         methods=methods, variants=variants, description=str(data.get("description", "")).strip())
+    _check_unique_run_ids(cfg)
     _check_runs_build(cfg)
     return cfg
 
