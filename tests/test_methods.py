@@ -32,6 +32,15 @@ def test_stable_lora_composes_with_loraplus_ratio():
     assert hasattr(opt, "stable_lora_status")
 
 
+@pytest.mark.parametrize("optimizer", ["lora+", "stable-lora"])
+def test_loraplus_decays_like_every_other_method(optimizer):
+    model = tiny_peft_model(embedding=False)
+    opt = _build(model, optimizer=optimizer, loraplus_lr_ratio=16.0)
+    pair = find_lora_pairs(model)[0]
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(pair.lora_A)] == decay[id(pair.lora_B)] == 0.01  # PEFT's loraplus_weight_decay default is 0
+
+
 def test_adamw_wd_a_puts_only_A_in_the_large_decay_group():
     model = tiny_peft_model(embedding=False)
     opt = _build(model, optimizer="adamw-wd-a", weight_decay_A=0.5)

@@ -60,8 +60,10 @@ def _loraplus_groups(model, method, optimizer_cls, kwargs, weight_decay) -> list
     from peft.optimizers import create_loraplus_optimizer
 
     ratio = method.loraplus_lr_ratio if method.loraplus_lr_ratio is not None else 16.0
-    return create_loraplus_optimizer(model, optimizer_cls, loraplus_lr_ratio=ratio, weight_decay=weight_decay,
-                                     **kwargs).param_groups
+    # PEFT gives its LoRA+ groups loraplus_weight_decay (default 0), not weight_decay: pass the run's own value, so
+    # lora+ decays like every other method
+    return create_loraplus_optimizer(model, optimizer_cls, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=weight_decay, **kwargs).param_groups
 
 
 def _adamw(model, method, optimizer_cls, kwargs, groups, weight_decay):
