@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stablelora.benchmark.grid import CompareError, load_compare_config, plan, run_id, setting_label
+from stablelora.benchmark.grid import (CompareError, load_compare_config, overrides_for, plan, run_id,
+                                      setting_label)
 from stablelora.benchmark.results import aggregate, plot, to_markdown
 from stablelora.benchmark.runner import _metric_key, check_same_split, load_records, run_grid
 
@@ -51,9 +52,8 @@ def _compare(tmp_path: Path, **changes) -> Path:
 def _record(cfg, method: str, lr: float, seed: int, validation: float, test: float, role: str = "tune",
             wall: float = 10.0, stops: dict | None = None) -> dict:
     setting = {"training.learning_rate": lr}
-    planned = {r.run_id: r for r in plan(cfg, {})}
     rid = run_id(method, setting, seed)
-    overrides = planned[rid].overrides if rid in planned else {}
+    overrides = overrides_for(cfg, cfg.methods[method], setting, seed) if method in cfg.methods else {}
     return {"run_id": rid, "method": method, "role": role, "seed": seed, "setting": setting,
             "setting_label": setting_label(setting), "metric": "piqa/accuracy", "validation": validation,
             "test": test, "eval_after": {"piqa": {"accuracy": test, "examples": 8, "loss_like": 2 * test}},
@@ -67,7 +67,7 @@ def _record(cfg, method: str, lr: float, seed: int, validation: float, test: flo
 
 def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_path):
     cfg = load_compare_config(_compare(tmp_path))
-    assert cfg.total_runs() == 2 * (2 + 2) + 3  # 2 methods x (2 lrs + 2 more seeds) + 1 variant x 3 seeds
+    assert cfg.total_runs() == 2 * (2 + 2) + 2  # 2 methods x (2 lrs + 2 report seeds) + 1 variant x 2 report seeds
     first = plan(cfg, {})
     assert [(r.method, r.role) for r in first] == [("adamw", "tune")] * 2 + [("stable-lora", "tune")] * 2
     records = {}
@@ -84,7 +84,7 @@ def test_plan_tunes_first_then_seeds_at_the_validation_choice_then_variants(tmp_
         r = _record(cfg, "stable-lora", lr, 0, val, 0.5)
         records[r["run_id"]] = r
     variant = [r for r in plan(cfg, records) if r.role == "variant"]
-    assert len(variant) == 3 and all(r.overrides["method.stop_rule"] is False for r in variant)
+    assert [r.seed for r in variant] == [1, 2] and all(r.overrides["method.stop_rule"] is False for r in variant)
     assert all(r.overrides["training.learning_rate"] == 1e-3 for r in variant)
 
 
@@ -102,12 +102,14 @@ def test_run_ids_are_exact_unique_and_ascii(tmp_path):
 
 def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_compare_config(_compare(tmp_path))
+    cfg = load_compare_config(_compare(tmp_path, seeds=[0, 1, 2, 3]))
     stops = {"layers": 2, "stopped": 1, "stop_steps_by_module": {"q_proj": [4], "v_proj": [None]}}
-    rows = [("adamw", 1e-4, 0, 0.70, 0.60), ("adamw", 1e-3, 0, 0.60, 0.99), ("adamw", 1e-4, 1, None, 0.62),
-            ("adamw", 1e-4, 2, None, 0.58),
-            ("stable-lora", 1e-4, 0, 0.50, 0.90), ("stable-lora", 1e-3, 0, 0.80, 0.63),
-            ("stable-lora", 1e-3, 1, None, 0.66), ("stable-lora", 1e-3, 2, None, 0.60)]
+    # the tune seed's run at the chosen setting (test 0.99) chose it: its score is left out (winner's curse)
+    rows = [("adamw", 1e-4, 0, 0.70, 0.99), ("adamw", 1e-3, 0, 0.60, 0.50), ("adamw", 1e-4, 1, None, 0.62),
+            ("adamw", 1e-4, 2, None, 0.60), ("adamw", 1e-4, 3, None, 0.58),
+            ("stable-lora", 1e-4, 0, 0.50, 0.90), ("stable-lora", 1e-3, 0, 0.80, 0.99),
+            ("stable-lora", 1e-3, 1, None, 0.66), ("stable-lora", 1e-3, 2, None, 0.63),
+            ("stable-lora", 1e-3, 3, None, 0.60)]
     records = {}
     for method, lr, seed, val, test in rows:
         r = _record(cfg, method, lr, seed, val, test, role="tune" if val is not None else "seed",
@@ -118,6 +120,7 @@ def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
     assert adamw["chosen"] == "lr=1e-04" and stable["chosen"] == "lr=1e-03"
     assert adamw["chosen_at_grid_edge"] == []  # two values have no inside: nothing to flag
     assert adamw["test"]["mean"] == pytest.approx(0.60) and adamw["test"]["std"] == pytest.approx(0.02)
+    assert sorted(adamw["seeds"]) == [1, 2, 3] and adamw["test"]["max"] == pytest.approx(0.62)
     assert stable["test"]["mean"] == pytest.approx(0.63) and stable["test"]["max"] == pytest.approx(0.66)
     # paired differences 0.03, 0.04, 0.02: mean 0.03, sd 0.01, t(2) = 4.303
     half = 4.303 * 0.01 / math.sqrt(3)
@@ -133,7 +136,7 @@ def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
     assert stable["stop_steps_by_module"] == {"q_proj": [4, 4, 4], "v_proj": [None, None, None]}
     assert stable["other_metrics"]["piqa/loss_like"]["mean"] == pytest.approx(1.26)
     assert stable["other_metrics"]["train_loss"]["mean"] == pytest.approx(1.0)
-    assert not result["complete"] and result["done"] == 8 and result["total"] == 11
+    assert not result["complete"] and result["done"] == 10 and result["total"] == 13
     text = to_markdown(result, "stablelora compare compare.yaml")
     assert "| stable-lora | lr=1e-03 | 0.6300 ± 0.0300 (n=3) | 0.6600 |" in text
     assert "INCOMPLETE" in text and "| ablation" not in text and "## ablation" in text
@@ -146,12 +149,12 @@ def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
 
 
 def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
-    cfg = load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False, seeds=[0, 1],
-                                       variants={}))
+    cfg = load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False, variants={}))
     records = {}
     for method, lr, seed, val, test in (("adamw", 1e-4, 0, 2.0, 1.0), ("adamw", 1e-3, 0, 1.5, 1.2),
-                                        ("adamw", 1e-3, 1, None, 1.4), ("stable-lora", 1e-4, 0, 1.0, 1.0),
-                                        ("stable-lora", 1e-3, 0, 3.0, 1.0), ("stable-lora", 1e-4, 1, None, 1.2)):
+                                        ("adamw", 1e-3, 1, None, 1.4), ("adamw", 1e-3, 2, None, 1.5),
+                                        ("stable-lora", 1e-4, 0, 1.0, 1.0), ("stable-lora", 1e-3, 0, 3.0, 1.0),
+                                        ("stable-lora", 1e-4, 1, None, 1.2), ("stable-lora", 1e-4, 2, None, 1.3)):
         r = _record(cfg, method, lr, seed, val, test)
         records[r["run_id"]] = r
     result = aggregate(cfg, records)
@@ -209,6 +212,7 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):
     ({"methods": {"adamw": {"set": {"method.optimizerr": "adamw"}}}, "variants": {}},
      "Unknown key 'method.optimizerr'"),
     ({"seeds": [0, 1], "tune_seeds": [5]}, "must be among seeds"),
+    ({"seeds": [0, 1], "tune_seeds": [1, 0]}, "reported on seeds that did not choose the setting"),
     ({"baseline": "lora+"}, "baseline 'lora+' is not one of the methods"),
     ({"variants": {"v": {"of": "nope", "set": {}}}}, "'nope' is not one of the methods"),
     ({"learning_rates": [1e-4, "fast"]}, "learning_rates must be a non-empty list of numbers"),
@@ -294,7 +298,7 @@ def test_time_budget_starts_no_run_that_would_end_after_it(tmp_path):
     _store(cfg, [_record(cfg, "adamw", 1e-4, 0, 0.5, 0.5, wall=600.0)])  # runs of adamw take ~10 min here
     lines: list[str] = []
     summary = run_grid(cfg, time_budget_minutes=5, log=lines.append)
-    assert summary == {"done": 1, "total": 11, "ran": 0}
+    assert summary == {"done": 1, "total": 10, "ran": 0}
     assert any("time budget of 5 min reached" in line and "Run the same command again" in line for line in lines)
     assert not cfg.runs_dir.exists()  # nothing was started
     assert "INCOMPLETE" in (cfg.output_dir / "results.md").read_text()
@@ -311,9 +315,10 @@ def test_cli_dry_run_and_results_only(tmp_path, capsys):
     assert main(["compare", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "done    adamw (tune) lr=1e-04 seed 0" in out and "to run  adamw (seed) lr=1e-04 seed 1" in out
-    assert "2 of 11 runs done; 5 more are planned once tuning has chosen their settings" in out
+    assert "2 of 10 runs done; 4 more are planned once tuning has chosen their settings" in out
+    _store(cfg, [_record(cfg, "adamw", 1e-4, 1, None, 0.55, role="seed")])
     assert main(["compare", str(config), "--results-only"]) == 0
-    assert "| adamw | lr=1e-04 | 0.6000 ± 0.0000 (n=1) |" in (cfg.output_dir / "results.md").read_text()
+    assert "| adamw | lr=1e-04 | 0.5500 ± 0.0000 (n=1) |" in (cfg.output_dir / "results.md").read_text()
 
 
 # --- a real grid on a tiny model ------------------------------------------------------------------------------
@@ -402,10 +407,10 @@ def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tin
         in_config_order = [tuning["lr=1e-03"], tuning["lr=1e-02"]]  # a tie goes to the first listed
         expected = "lr=1e-03" if in_config_order[0] >= in_config_order[1] else "lr=1e-02"
         assert result["methods"][method]["chosen"] == expected
-        tests = [r["test"] for r in stored.values() if r["method"] == method
-                 and r["setting_label"] == result["methods"][method]["chosen"]]
-        assert len(tests) == 2 and result["methods"][method]["test"]["mean"] == pytest.approx(statistics.fmean(tests))
-    assert result["methods"]["stable-lora"]["stable_lora"]["all"]["layer_runs"] == 2 * 4  # 2 layers x 2 q,v x 2 seeds
+        reported = [r["test"] for r in stored.values() if r["method"] == method and r["seed"] == 1
+                    and r["setting_label"] == result["methods"][method]["chosen"]]  # the seed that did not choose
+        assert len(reported) == 1 and result["methods"][method]["test"]["mean"] == pytest.approx(reported[0])
+    assert result["methods"]["stable-lora"]["stable_lora"]["all"]["layer_runs"] == 4  # 2 layers x 2 q,v x 1 seed
     assert (tmp_path / "out" / "plots" / "test_scores.png").exists()
     assert "complete: 6 of 6 runs" in (tmp_path / "out" / "results.md").read_text()
     # a second call has nothing left to do
@@ -431,13 +436,13 @@ def test_a_diverged_run_is_recorded_as_diverged_and_never_chosen(tmp_path, tiny_
 
 
 def test_a_seed_that_diverged_at_the_chosen_setting_is_listed_not_averaged(tmp_path):
-    cfg = load_compare_config(_compare(tmp_path, variants={}))
+    cfg = load_compare_config(_compare(tmp_path, variants={}, seeds=[0, 1, 2, 3]))
     records = {}
     for method in ("adamw", "stable-lora"):
         for lr, validation in ((1e-4, 0.5), (1e-3, 0.6)):
             r = _record(cfg, method, lr, 0, validation, 0.6)
             records[r["run_id"]] = r
-        for seed in (1, 2):
+        for seed in (1, 2, 3):
             r = _record(cfg, method, 1e-3, seed, 0.6, 0.7, role="seed")
             records[r["run_id"]] = r
     broken = records[run_id("stable-lora", {"training.learning_rate": 1e-3}, 2)]

@@ -5,9 +5,11 @@ values to tune (the learning rate and anything else, e.g. ``method.shrink_ratio`
 built in stages, because later runs depend on earlier results:
 
 1. tune: every setting (learning rate x tuned values) of a method on ``tune_seeds``;
-2. seeds: the setting with the best *validation* score on the remaining ``seeds``;
+2. seeds: the setting with the best *validation* score on the remaining ``seeds`` (the report seeds);
 3. variants: named changes of a method (a lambda sweep, the stop-rule ablation) at that method's chosen setting,
-   on every seed.
+   on the report seeds.
+Test scores are reported on the report seeds only: a tune seed's run at the chosen setting is the one whose
+validation score won, so its test score carries a winner's curse that grows with the size of the grid.
 The baseline goes first, so a partial grid always has something to compare against.
 """
 
@@ -91,10 +93,15 @@ class CompareConfig:
     def runs_dir(self) -> Path:
         return self.output_dir / "runs"
 
+    @property
+    def report_seeds(self) -> list[int]:
+        """The seeds that did not choose a setting: the reported test scores come from these only."""
+        return [s for s in self.seeds if s not in self.tune_seeds]
+
     def total_runs(self) -> int:
-        extra_seeds = len([s for s in self.seeds if s not in self.tune_seeds])
-        per_method = sum(len(m.settings()) * len(self.tune_seeds) + extra_seeds for m in self.methods.values())
-        return per_method + len(self.variants) * len(self.seeds)
+        per_method = sum(len(m.settings()) * len(self.tune_seeds) + len(self.report_seeds)
+                         for m in self.methods.values())
+        return per_method + len(self.variants) * len(self.report_seeds)
 
 
 def rate_label(rate: float) -> str:
@@ -226,6 +233,9 @@ def load_compare_config(path: str | Path, output_dir: str | None = None) -> Comp
     tune_seeds = _numbers(data.get("tune_seeds", seeds[:1]), f"{path}: tune_seeds", int)
     if not set(tune_seeds) <= set(seeds):
         raise CompareError(f"{path}: tune_seeds {tune_seeds} must be among seeds {seeds}, so tuning runs are reused.")
+    if set(seeds) == set(tune_seeds):
+        raise CompareError(f"{path}: seeds {seeds} must add seeds beyond tune_seeds {tune_seeds}: test scores are "
+                           "reported on seeds that did not choose the setting (e.g. tune_seeds: [0], seeds: [0, 1, 2]).")
     methods_data = data["methods"]
     if not isinstance(methods_data, dict) or not methods_data:
         raise CompareError(f"{path}: methods must map names to their settings (see configs/compare/).")
@@ -350,15 +360,14 @@ def plan(cfg: CompareConfig, records: dict[str, dict]) -> list[PlannedRun]:
         if best is None:
             continue
         chosen[method.name] = best
-        for seed in cfg.seeds:
-            if seed not in cfg.tune_seeds:
-                runs.append(PlannedRun(run_id(method.name, best, seed), method.name, "seed", best, seed,
-                                       overrides_for(cfg, method, best, seed)))
+        for seed in cfg.report_seeds:
+            runs.append(PlannedRun(run_id(method.name, best, seed), method.name, "seed", best, seed,
+                                   overrides_for(cfg, method, best, seed)))
     for variant in cfg.variants.values():
         if variant.of not in chosen:
             continue
         best = chosen[variant.of]
-        for seed in cfg.seeds:
+        for seed in cfg.report_seeds:
             overrides = {**overrides_for(cfg, cfg.methods[variant.of], best, seed), **variant.changes}
             runs.append(PlannedRun(run_id(variant.name, best, seed), variant.name, "variant", best, seed, overrides))
     return runs

@@ -1,8 +1,8 @@
 """From run records to the comparison: results.json (every figure), results.md (tables), plots/.
 
 Protocol, per method: the setting (learning rate and any tuned values) with the best mean *validation* score on the
-tune seeds is chosen; the test metric at that setting is reported as mean ± sample std over the seeds, next to the
-best seed (the paper's protocol), and as a paired difference against the baseline with a 95 % t-interval. Costs are
+tune seeds is chosen; the test metric at that setting is reported as mean ± sample std over the report seeds (those
+that did not choose it), next to the best seed (the paper's protocol), and as a paired difference against the baseline with a 95 % t-interval. Costs are
 means over the same runs, divided by the baseline's. Variants are reported at their method's chosen setting.
 """
 
@@ -29,7 +29,7 @@ def _relative_to_working_dir(path: Path) -> str:
 
 def _final_records(cfg: CompareConfig, records: dict[str, dict], name: str, label: str) -> list[dict]:
     return sorted((r for r in records.values() if r["method"] == name and r["setting_label"] == label
-                   and r["seed"] in cfg.seeds), key=lambda r: r["seed"])
+                   and r["seed"] in cfg.report_seeds), key=lambda r: r["seed"])
 
 
 def _summary(values: list[float]) -> dict | None:
@@ -136,6 +136,7 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
         "done": len(records), "total": cfg.total_runs(), "complete": len(records) >= cfg.total_runs(),
         "metric": any_record.get("metric", cfg.metric), "higher_is_better": cfg.higher_is_better,
         "baseline": cfg.baseline, "seeds": cfg.seeds, "tune_seeds": cfg.tune_seeds,
+        "report_seeds": cfg.report_seeds,
         "split": any_record.get("split"), "model": any_record.get("model"),
         "eval_before": any_record.get("eval_before"), "versions": any_record.get("versions"),
         "machine": any_record.get("machine"), "peak_memory_kind": any_record.get("peak_memory_kind"),
@@ -191,7 +192,8 @@ def to_markdown(result: dict, command: str) -> str:
         f"- Split: {result['split']}",
         f"- Protocol: each method's setting is chosen by mean validation score over tune seeds "
         f"{result['tune_seeds']} (the test split is never read for this); the test metric is then reported over "
-        f"seeds {result['seeds']} at that setting; \"end of its grid\" marks a choice at the lowest or highest "
+        f"seeds {result['report_seeds']} at that setting, which did not choose it (a tune seed's winning run would "
+        f"carry a winner's curse); \"end of its grid\" marks a choice at the lowest or highest "
         f"tuned value, where a better one may lie outside the grid. Δ is the paired difference against `{result['baseline']}` "
         "(same seeds), with a 95 % t-interval; positive means better than the baseline.",
         f"- Versions: {_key_values(result['versions'])}. Machine: {_key_values(result['machine'])}.", "",
@@ -212,7 +214,7 @@ def to_markdown(result: dict, command: str) -> str:
         groups.setdefault(v["group"], []).append((name, v))
     for group, variants in groups.items():
         lines += ["", f"## {group}", "",
-                  "Each variant runs at the learning rate (and tuned values) chosen for its method, on every seed.", "",
+                  "Each variant runs at the learning rate (and tuned values) chosen for its method, on the report seeds.", "",
                   "| variant | of | changes | setting | test mean ± std | best of seeds | Δ vs baseline [95 % CI] |",
                   "|---|---|---|---|---|---|---|"]
         shown = set()
