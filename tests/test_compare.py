@@ -148,6 +148,32 @@ def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
     assert "stop_steps.png" in plot(result, records, tmp_path / "plots")  # stopped q_proj layers; v_proj never
 
 
+def test_sweep_reports_every_rate_over_the_tune_seeds_with_paired_differences(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path, sweep=True, tune_seeds=[0, 1, 2], seeds=[0, 1, 2, 3], variants={}))
+    stops = {"layers": 1, "stopped": 1, "stop_steps_by_module": {"q_proj": [6]}}
+    records = {}
+    for method, lr, tests in (("adamw", 1e-4, (0.50, 0.52, 0.54)), ("adamw", 1e-3, (0.60, 0.60, 0.63)),
+                              ("stable-lora", 1e-4, (0.53, 0.56, 0.56)), ("stable-lora", 1e-3, (0.60, 0.61, 0.62))):
+        for seed, test in enumerate(tests):
+            r = _record(cfg, method, lr, seed, test - 0.1, test, stops=stops if method == "stable-lora" else None)
+            records[r["run_id"]] = r
+    sweep = aggregate(cfg, records)["sweep"]
+    low = sweep["stable-lora"][0]
+    assert [r["setting"] for r in sweep["adamw"]] == ["lr=1e-04", "lr=1e-03"] and low["test"]["n"] == 3
+    assert low["test"]["mean"] == pytest.approx(0.55) and low["validation"]["mean"] == pytest.approx(0.45)
+    half = 4.303 * statistics.stdev([0.53, 0.56, 0.56]) / math.sqrt(3)
+    assert low["test_interval"] == pytest.approx([0.55 - half, 0.55 + half])
+    # paired with adamw at the same rate: differences 0.03, 0.04, 0.02 at 1e-4; 0.00, 0.01, -0.01 at 1e-3
+    assert low["paired_vs_baseline"]["mean"] == pytest.approx(0.03)
+    assert sweep["stable-lora"][1]["paired_vs_baseline"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert sweep["adamw"][0]["paired_vs_baseline"] is None and low["stable_lora"]["all"]["median_stop_step"] == 6
+    result = aggregate(cfg, records)
+    text = to_markdown(result, "cmd")
+    assert "| stable-lora | lr=1e-04 | 0.4500 | 0.5500 ± 0.0173 (n=3) | [0.5070, 0.5930] | +0.0300 [" in text
+    assert "| 100% (median step 6) |" in text
+    assert "lr_sweep.png" in plot(result, records, tmp_path / "plots")
+
+
 def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
     cfg = load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False, variants={}))
     records = {}
@@ -213,6 +239,8 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):
      "Unknown key 'method.optimizerr'"),
     ({"seeds": [0, 1], "tune_seeds": [5]}, "must be among seeds"),
     ({"seeds": [0, 1], "tune_seeds": [1, 0]}, "reported on seeds that did not choose the setting"),
+    ({"sweep": True}, "sweep: true reports every rate with an interval over tune_seeds, which needs at least 2"),
+    ({"sweep": "yes"}, "sweep must be true or false"),
     ({"baseline": "lora+"}, "baseline 'lora+' is not one of the methods"),
     ({"variants": {"v": {"of": "nope", "set": {}}}}, "'nope' is not one of the methods"),
     ({"learning_rates": [1e-4, "fast"]}, "learning_rates must be a non-empty list of numbers"),
@@ -366,11 +394,11 @@ def _tiny_base(tiny_encoder: Path, monitor: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tiny_encoder):
+def test_sweep_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tiny_encoder):
     _write(tmp_path / "base.yaml", _tiny_base(tiny_encoder, {"every": 1}))
     config = _write(tmp_path / "compare.yaml", {
         "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-3, 1e-2],
-        "tune_seeds": [0], "seeds": [0, 1],
+        "tune_seeds": [0, 1], "seeds": [0, 1, 2], "sweep": True,
         "methods": {"adamw": {"set": {"method.optimizer": "adamw"}},
                     "stable-lora": {"set": {"method.optimizer": "stable-lora", "method.shrink_ratio": 0.01}}}})
     records = tmp_path / "out" / "records"
@@ -384,7 +412,7 @@ def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tin
     harness.send_signal(signal.SIGKILL)  # no clean-up code runs in the harness
     harness.wait()
     first = sorted(records.glob("*.json"))
-    assert 1 <= len(first) < 6
+    assert 1 <= len(first) < 10
     kept = {p.name: p.read_text() for p in first}
     deadline = time.time() + 30
     while _processes_using(tmp_path / "out") and time.time() < deadline:
@@ -394,25 +422,35 @@ def test_grid_killed_mid_run_resumes_without_redoing_finished_runs(tmp_path, tin
     cfg = load_compare_config(config)
     lines: list[str] = []
     summary = run_grid(cfg, log=lines.append)
-    assert summary == {"done": 6, "total": 6, "ran": 6 - len(first)}
-    assert f"({len(first)} of 6 runs already done)" in lines[0]
+    assert summary == {"done": 10, "total": 10, "ran": 10 - len(first)}  # 2 methods x (2 rates x 2 seeds + 1)
+    assert f"({len(first)} of 10 runs already done)" in lines[0]
     for name, text in kept.items():  # finished runs were skipped, not redone
         assert (records / name).read_text() == text
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["complete"]
     stored = load_records(cfg)
     for method in ("adamw", "stable-lora"):
-        tuning = {r["setting_label"]: r["validation"] for r in stored.values()
-                  if r["method"] == method and r["role"] == "tune"}
-        in_config_order = [tuning["lr=1e-03"], tuning["lr=1e-02"]]  # a tie goes to the first listed
-        expected = "lr=1e-03" if in_config_order[0] >= in_config_order[1] else "lr=1e-02"
+        tuning = {label: statistics.fmean(r["validation"] for r in stored.values() if r["method"] == method
+                                          and r["role"] == "tune" and r["setting_label"] == label)
+                  for label in ("lr=1e-03", "lr=1e-02")}
+        expected = "lr=1e-03" if tuning["lr=1e-03"] >= tuning["lr=1e-02"] else "lr=1e-02"  # a tie: the first listed
         assert result["methods"][method]["chosen"] == expected
-        reported = [r["test"] for r in stored.values() if r["method"] == method and r["seed"] == 1
+        reported = [r["test"] for r in stored.values() if r["method"] == method and r["seed"] == 2
                     and r["setting_label"] == result["methods"][method]["chosen"]]  # the seed that did not choose
         assert len(reported) == 1 and result["methods"][method]["test"]["mean"] == pytest.approx(reported[0])
+        # the sweep: every rate over both tune seeds, whatever was chosen
+        for row in result["sweep"][method]:
+            tests = {r["seed"]: r["test"] for r in stored.values() if r["method"] == method
+                     and r["setting_label"] == row["setting"] and r["role"] == "tune"}
+            assert sorted(tests) == [0, 1] and row["test"]["mean"] == pytest.approx(statistics.fmean(tests.values()))
+            assert row["test_interval"][0] <= row["test"]["mean"] <= row["test_interval"][1]
+            assert (row["paired_vs_baseline"] is None) == (method == "adamw")
     assert result["methods"]["stable-lora"]["stable_lora"]["all"]["layer_runs"] == 4  # 2 layers x 2 q,v x 1 seed
+    assert [row["stable_lora"]["all"]["layer_runs"] for row in result["sweep"]["stable-lora"]] == [8, 8]
+    assert (tmp_path / "out" / "plots" / "lr_sweep.png").exists()
+    assert "## Learning-rate sweep: every rate, over tune seeds [0, 1]" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "plots" / "test_scores.png").exists()
-    assert "complete: 6 of 6 runs" in (tmp_path / "out" / "results.md").read_text()
+    assert "complete: 10 of 10 runs" in (tmp_path / "out" / "results.md").read_text()
     # a second call has nothing left to do
     assert run_grid(cfg, log=lines.append)["ran"] == 0
 

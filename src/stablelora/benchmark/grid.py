@@ -4,7 +4,8 @@ A compare config names a base run config and, per method, the ``section.key`` va
 values to tune (the learning rate and anything else, e.g. ``method.shrink_ratio`` or ``lora.alpha``). The plan is
 built in stages, because later runs depend on earlier results:
 
-1. tune: every setting (learning rate x tuned values) of a method on ``tune_seeds``;
+1. tune: every setting (learning rate x tuned values) of a method on ``tune_seeds`` (with ``sweep: true``, these
+   runs are also reported: the test metric against the learning rate, per method, over the tune seeds);
 2. seeds: the setting with the best *validation* score on the remaining ``seeds`` (the report seeds);
 3. variants: named changes of a method (a lambda sweep, the stop-rule ablation) at that method's chosen setting,
    on the report seeds.
@@ -33,7 +34,7 @@ from stablelora.train.config import (ConfigError, _load_yaml, build_config, merg
 LEARNING_RATE = "training.learning_rate"
 SEED = "training.seed"
 TOP_KEYS = {"extends", "base_config", "output_dir", "overrides", "baseline", "learning_rates", "tune_seeds", "seeds", "metric",
-            "higher_is_better", "methods", "variants", "description"}
+            "higher_is_better", "methods", "variants", "description", "sweep"}
 
 
 class CompareError(ValueError):
@@ -84,6 +85,7 @@ class CompareConfig:
     methods: dict[str, MethodSpec]
     variants: dict[str, VariantSpec] = field(default_factory=dict)
     description: str = ""
+    sweep: bool = False  # report the test metric at every setting over the tune seeds, not only at the chosen one
 
     @property
     def records_dir(self) -> Path:
@@ -233,6 +235,12 @@ def load_compare_config(path: str | Path, output_dir: str | None = None) -> Comp
     tune_seeds = _numbers(data.get("tune_seeds", seeds[:1]), f"{path}: tune_seeds", int)
     if not set(tune_seeds) <= set(seeds):
         raise CompareError(f"{path}: tune_seeds {tune_seeds} must be among seeds {seeds}, so tuning runs are reused.")
+    sweep = data.get("sweep", False)
+    if not isinstance(sweep, bool):
+        raise CompareError(f"{path}: sweep must be true or false, got {sweep!r}.")
+    if sweep and len(tune_seeds) < 2:
+        raise CompareError(f"{path}: sweep: true reports every rate with an interval over tune_seeds, which needs at "
+                           f"least 2 of them (got {tune_seeds}); e.g. tune_seeds: [0, 1, 2].")
     if set(seeds) == set(tune_seeds):
         raise CompareError(f"{path}: seeds {seeds} must add seeds beyond tune_seeds {tune_seeds}: test scores are "
                            "reported on seeds that did not choose the setting (e.g. tune_seeds: [0], seeds: [0, 1, 2]).")
@@ -285,7 +293,7 @@ def load_compare_config(path: str | Path, output_dir: str | None = None) -> Comp
         path=path, base_config=base, base_config_sha256=hashlib.sha256(base.read_bytes()).hexdigest(),
         output_dir=Path(out), overrides=_section_keys(data.get("overrides"), f"{path}: overrides"),
         baseline=baseline, tune_seeds=tune_seeds, seeds=seeds, metric=metric, higher_is_better=higher,
-        methods=methods, variants=variants, description=str(data.get("description", "")).strip())
+        methods=methods, variants=variants, description=str(data.get("description", "")).strip(), sweep=sweep)
     _check_unique_run_ids(cfg)
     _check_runs_build(cfg)
     return cfg

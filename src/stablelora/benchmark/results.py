@@ -11,9 +11,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from stablelora.benchmark.grid import CompareConfig, chosen_setting, setting_label
+from stablelora.benchmark.grid import LEARNING_RATE, CompareConfig, chosen_setting, setting_label
 from stablelora.fileio import write_atomic, write_json
-from stablelora.reporting.stats import paired_difference, summarise
+from stablelora.reporting.stats import mean_interval, paired_difference, summarise
 
 COSTS = ("train_wall_seconds", "tokens_per_second", "peak_memory_bytes", "optimizer_state_bytes")
 
@@ -95,6 +95,32 @@ def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> d
     return entry
 
 
+def _sweep(cfg: CompareConfig, records: dict[str, dict]) -> dict:
+    """Every method at every setting, over the tune seeds: the test metric against the learning rate (mean ± std,
+    95 % interval of the mean), the paired difference against the baseline at the same rate, and how many
+    Stable-LoRA layers stopped. No setting is chosen here, so no score carries a winner's curse."""
+    def at(name: str, label: str) -> list[dict]:
+        return sorted((r for r in records.values() if r["method"] == name and r["setting_label"] == label
+                       and r["seed"] in cfg.tune_seeds), key=lambda r: r["seed"])
+
+    baseline_at = {s[LEARNING_RATE]: {r["seed"]: r for r in at(cfg.baseline, setting_label(s))}
+                   for s in cfg.methods[cfg.baseline].settings()}
+    sweep = {}
+    for method in cfg.methods.values():
+        rows = []
+        for setting in method.settings():
+            label = setting_label(setting)
+            runs = at(method.name, label)
+            row = {"setting": label, "learning_rate": setting[LEARNING_RATE],
+                   "validation": _summary([r["validation"] for r in runs if r["validation"] is not None]),
+                   **_entry(cfg, runs, baseline_at.get(setting[LEARNING_RATE], {}))}
+            tests = list(row["seeds"].values())
+            row["test_interval"] = list(mean_interval(tests)) if len(tests) >= 2 else None
+            rows.append(row)
+        sweep[method.name] = rows
+    return sweep
+
+
 def _at_edge(values: list, value) -> bool:
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     return numeric and len(values) > 2 and value in (min(values), max(values))
@@ -140,7 +166,7 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
         "split": any_record.get("split"), "model": any_record.get("model"),
         "eval_before": any_record.get("eval_before"), "versions": any_record.get("versions"),
         "machine": any_record.get("machine"), "peak_memory_kind": any_record.get("peak_memory_kind"),
-        "methods": methods, "variants": variants,
+        "methods": methods, "variants": variants, "sweep": _sweep(cfg, records) if cfg.sweep else None,
     }
 
 
@@ -258,6 +284,8 @@ def to_markdown(result: dict, command: str) -> str:
             if t.get("diverged"):
                 value += f", diverged on {t['diverged']} seed(s)"
             lines.append(f"| {name} | {t['setting']} | {value} | {'✓' if t['setting'] == m['chosen'] else ''} |")
+    if result.get("sweep"):
+        lines += _sweep_markdown(result)
     other = sorted({k for m in everything.values() for k in m["other_metrics"]})
     if other:
         lines += ["", "## Other metrics: the other test evaluations and the mean training loss (mean ± std over the same runs)", "",
@@ -267,6 +295,66 @@ def to_markdown(result: dict, command: str) -> str:
                 lines.append(f"| {name} | " + " | ".join(_pm(m["other_metrics"].get(k)) for k in other) + " |")
     lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in result.get("plots", [])]
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def _stopped(entry: dict) -> str:
+    stops = (entry.get("stable_lora") or {}).get("all")
+    if not stops:
+        return "–"
+    median = stops["median_stop_step"]
+    return f"{1 - stops['never_stopped_fraction']:.0%}" + (f" (median step {median:g})" if median is not None else "")
+
+
+def _sweep_markdown(result: dict) -> list[str]:
+    lines = ["", f"## Learning-rate sweep: every rate, over tune seeds {result['tune_seeds']}", "",
+             "No rate is chosen here, so these scores carry no winner's curse. The interval is the 95 % t-interval "
+             f"of the mean over seeds; Δ pairs each seed with `{result['baseline']}` at the same rate (positive = "
+             "better). Layers stopped: Stable-LoRA layer-runs that reached the stop condition.", "",
+             "| method | setting | validation mean | test mean ± std | 95 % CI of the mean | Δ vs baseline [95 % CI] "
+             "| layers stopped |", "|---|---|---|---|---|---|---|"]
+    for name, rows in result["sweep"].items():
+        for row in rows:
+            interval = "[{:.4f}, {:.4f}]".format(*row["test_interval"]) if row["test_interval"] else "–"
+            validation = f"{row['validation']['mean']:.4f}" if row["validation"] else "–"
+            lines.append(f"| {name} | {row['setting']} | {validation} | {_pm(row['test'])}{_diverged(row)} | "
+                         f"{interval} | {_delta(row)} | {_stopped(row)} |")
+    return lines
+
+
+def _plot_sweep(result: dict, out: Path, plt) -> str | None:
+    """Test metric against learning rate per method (mean and 95 % band), and the paired Δ against the baseline."""
+    curves = {name: [r for r in rows if r["test"]] for name, rows in result["sweep"].items()}
+    if not any(len(rows) > 1 for rows in curves.values()):
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (name, rows) in enumerate(curves.items()):
+        others = sorted({r["setting"].split(", ", 1)[1] for r in rows if ", " in r["setting"]}) or [None]
+        for extra in others:
+            line = [r for r in rows if extra is None or r["setting"].endswith(extra)]
+            label = name if extra is None else f"{name} {extra}"
+            rates = [r["learning_rate"] for r in line]
+            left.plot(rates, [r["test"]["mean"] for r in line], "o-", color=f"C{i}", label=label)
+            banded = [r for r in line if r["test_interval"]]
+            left.fill_between([r["learning_rate"] for r in banded], [r["test_interval"][0] for r in banded],
+                              [r["test_interval"][1] for r in banded], color=f"C{i}", alpha=0.15)
+            paired = [r for r in line if r["paired_vs_baseline"]]
+            if paired:
+                d = [r["paired_vs_baseline"] for r in paired]
+                right.errorbar([r["learning_rate"] for r in paired], [x["mean"] for x in d],
+                               yerr=[[x["mean"] - x["low"] for x in d], [x["high"] - x["mean"] for x in d]],
+                               fmt="o-", color=f"C{i}", capsize=3, label=label)
+    left.set(xscale="log", xlabel="learning rate", ylabel=f"test {result['metric']}",
+             title=f"mean and 95 % interval over seeds {result['tune_seeds']}")
+    right.axhline(0, color="grey", lw=1)
+    right.set(xscale="log", xlabel="learning rate", ylabel=f"paired Δ vs {result['baseline']} (positive = better)",
+              title="paired difference at each rate, 95 % interval")
+    left.legend(fontsize=7)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+    return "lr_sweep.png"
 
 
 def plot(result: dict, records: dict[str, dict], out: Path) -> list[str]:
@@ -343,6 +431,8 @@ def plot(result: dict, records: dict[str, dict], out: Path) -> list[str]:
         fig.savefig(out / "stop_steps.png", dpi=110)
         plt.close(fig)
         written.append("stop_steps.png")
+    if result.get("sweep") and (sweep_png := _plot_sweep(result, out, plt)):
+        written.append(sweep_png)
     return written
 
 

@@ -37,6 +37,15 @@ def summarise(values: list[float]) -> Summary:
     return Summary(statistics.fmean(values), std, max(values), len(values))
 
 
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Two-sided 95 % t-interval of the mean of independent values (e.g. one score per seed)."""
+    if len(values) < 2:
+        raise ValueError(f"an interval of the mean needs >= 2 values, got {len(values)}.")
+    mean = statistics.fmean(values)
+    half = t_critical_95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     mean: float
