@@ -148,6 +148,13 @@ def test_aggregation_maths_on_hand_made_records(tmp_path, monkeypatch):
     assert "stop_steps.png" in plot(result, records, tmp_path / "plots")  # stopped q_proj layers; v_proj never
 
 
+def test_a_sweep_runs_seed_by_seed_with_the_methods_side_by_side(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path, sweep=True, tune_seeds=[0, 1], variants={}))
+    order = [(r.seed, r.setting["training.learning_rate"], r.method) for r in plan(cfg, {})]
+    assert order == [(0, 1e-4, "adamw"), (0, 1e-4, "stable-lora"), (0, 1e-3, "adamw"), (0, 1e-3, "stable-lora"),
+                     (1, 1e-4, "adamw"), (1, 1e-4, "stable-lora"), (1, 1e-3, "adamw"), (1, 1e-3, "stable-lora")]
+
+
 def test_sweep_reports_every_rate_over_the_tune_seeds_with_paired_differences(tmp_path):
     cfg = load_compare_config(_compare(tmp_path, sweep=True, tune_seeds=[0, 1, 2], seeds=[0, 1, 2, 3], variants={}))
     stops = {"layers": 1, "stopped": 1, "stop_steps_by_module": {"q_proj": [6]}}

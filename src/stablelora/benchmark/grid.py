@@ -378,4 +378,9 @@ def plan(cfg: CompareConfig, records: dict[str, dict]) -> list[PlannedRun]:
         for seed in cfg.report_seeds:
             overrides = {**overrides_for(cfg, cfg.methods[variant.of], best, seed), **variant.changes}
             runs.append(PlannedRun(run_id(variant.name, best, seed), variant.name, "variant", best, seed, overrides))
+    if cfg.sweep:  # tuning first, seed by seed, every method side by side at each rate: a partial sweep is paired
+        method_order = {name: i for i, name in enumerate(cfg.methods)}
+        tune = sorted((r for r in runs if r.role == "tune"), key=lambda r: (
+            r.seed, cfg.methods[r.method].settings().index(r.setting), method_order[r.method]))
+        runs = tune + [r for r in runs if r.role != "tune"]
     return runs
