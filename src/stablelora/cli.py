@@ -45,13 +45,12 @@ def _demo(args) -> int:
 
 
 def _compare(args) -> int:
-    from stablelora.benchmark.grid import load_compare_config
+    from stablelora.benchmark.grid import load_compare_config, planned_records
     from stablelora.benchmark.runner import load_records, run_grid
 
     cfg = load_compare_config(args.config, output_dir=args.output_dir)
     if args.results_only:
         from stablelora.benchmark.results import write_results
-        from stablelora.benchmark.runner import planned_records
 
         records = planned_records(cfg, load_records(cfg))
         if not records:

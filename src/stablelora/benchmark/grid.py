@@ -28,7 +28,7 @@ import yaml
 
 from stablelora.eval import HIGHER_IS_BETTER
 from stablelora.reporting.stats import select_on_validation
-from stablelora.train.config import (ConfigError, _load_yaml, build_config, merge_config_layers, nest_overrides,
+from stablelora.train.config import (ConfigError, load_yaml, build_config, merge_config_layers, nest_overrides,
                                      read_config_file)
 
 LEARNING_RATE = "training.learning_rate"
@@ -191,7 +191,7 @@ def _read_compare_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in chain:
         raise CompareError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))}).")
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise CompareError(f"Compare config '{path}' is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -384,3 +384,9 @@ def plan(cfg: CompareConfig, records: dict[str, dict]) -> list[PlannedRun]:
             r.seed, cfg.methods[r.method].settings().index(r.setting), method_order[r.method]))
         runs = tune + [r for r in runs if r.role != "tune"]
     return runs
+
+
+def planned_records(cfg: CompareConfig, records: dict[str, dict]) -> dict[str, dict]:
+    """The records the current plan names: what the results are made of."""
+    names = {r.run_id for r in plan(cfg, records)}
+    return {key: record for key, record in records.items() if key in names}

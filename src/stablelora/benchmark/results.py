@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from stablelora.benchmark.grid import LEARNING_RATE, CompareConfig, chosen_setting, setting_label
+from stablelora.benchmark.grid import LEARNING_RATE, CompareConfig, chosen_setting, planned_records, setting_label
 from stablelora.fileio import write_atomic, write_json
 from stablelora.reporting.stats import mean_interval, paired_difference, summarise
 
@@ -437,8 +437,6 @@ def plot(result: dict, records: dict[str, dict], out: Path) -> list[str]:
 
 
 def write_results(cfg: CompareConfig, records: dict[str, dict]) -> dict:
-    from stablelora.benchmark.runner import planned_records
-
     records = planned_records(cfg, records)
     result = aggregate(cfg, records)
     result["plots"] = plot(result, records, cfg.output_dir / "plots")

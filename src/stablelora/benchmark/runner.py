@@ -27,7 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from stablelora.benchmark.grid import CompareConfig, CompareError, PlannedRun, merged_config, plan, setting_label
+from stablelora.benchmark.grid import (CompareConfig, CompareError, PlannedRun, merged_config, plan,
+                                      planned_records, setting_label)
+from stablelora.benchmark.results import write_results
 from stablelora.diagnostics.monitor import module_type
 from stablelora.eval import HIGHER_IS_BETTER, headline
 from stablelora.fileio import write_atomic, write_json
@@ -71,12 +73,6 @@ def load_records(cfg: CompareConfig) -> dict[str, dict]:
                 f"this run (base config or overrides changed). Use a new output_dir for the new settings, or delete "
                 f"{cfg.records_dir} to start this comparison over.")
     return records
-
-
-def planned_records(cfg: CompareConfig, records: dict[str, dict]) -> dict[str, dict]:
-    """The records the current plan names: what the results are made of."""
-    names = {r.run_id for r in plan(cfg, records)}
-    return {key: record for key, record in records.items() if key in names}
 
 
 def _jsonable(value):
@@ -236,8 +232,6 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
 
     Returns {"done": runs finished in total, "total": runs in the grid, "ran": runs finished by this call}.
     """
-    from stablelora.benchmark.results import write_results
-
     records = load_records(cfg)
     total = cfg.total_runs()
     started = time.perf_counter()

@@ -42,7 +42,8 @@ _Yaml12Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _load_yaml(text: str):
+def load_yaml(text: str):
+    """YAML 1.2 numbers (2e-4 is a float), for run and compare configs alike."""
     return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -174,7 +175,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"Override {item!r} is not of the form section.key=value (e.g. method.optimizer="
                               "stable-lora or training.learning_rate=2e-4).")
         key, value = item.split("=", 1)
-        flat[key] = _load_yaml(value) if value != "" else None
+        flat[key] = load_yaml(value) if value != "" else None
     return nest_overrides(flat)
 
 
@@ -183,7 +184,7 @@ def read_config_file(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"Config file '{path}' does not exist. Examples are in configs/.")
     try:
-        loaded = _load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
     if not isinstance(loaded, dict):
