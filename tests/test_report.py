@@ -59,3 +59,19 @@ def test_a_truncated_last_monitor_line_is_dropped(tmp_path):
     text = (run / "monitor.jsonl").read_text()
     (run / "monitor.jsonl").write_text(text + text.splitlines()[-1][:40])  # killed while appending
     assert len(load_run(run).records) == len(load_run(RUNS / "stable-lora").records)
+
+
+@pytest.mark.slow
+def test_the_demo_ends_with_its_report(tmp_path, capsys):
+    """The main job shows what Stable-LoRA did: norms, the shrinking fraction, stop steps and both loss curves."""
+    from stablelora.demo import run_demo
+
+    run_demo(str(tmp_path), steps=6, overrides=["data.eval_size=16", "training.logging_steps=1", "monitor.every=2",
+                                                "method.shrink_ratio=0.3", "training.disable_tqdm=true"])
+    report = tmp_path / "report" / "report.md"
+    assert f"Report: {report} with the pictures " in capsys.readouterr().out
+    text = report.read_text()
+    assert "| adamw |" in text and "| stable-lora |" in text
+    pictures = {p.name for p in report.parent.glob("*.png")}
+    assert {"norms.png", "shrinking.png", "stop_steps.png", "loss.png"} <= pictures, pictures
+    assert all(f"]({name})" in text for name in pictures)

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from stablelora.reporting.report import write_report
 from stablelora.train.config import load_config
 from stablelora.train.run import run_training
 
@@ -66,7 +67,10 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] = (
     print("\nOne seed, one learning rate: this shows both methods learn and what Stable-LoRA does (when each layer "
           "stopped shrinking), not which is better. Differences of a point or two are within seed-to-seed noise; "
           "compare over seeds with the benchmark harness.")
-    print(f"Run directories: {root}/<method>/ (adapter/, metrics.json, monitor.jsonl, tb/); plots: "
-          f"stablelora report {root}/adamw {root}/stable-lora")
+    report = write_report([root / method for method in METHODS], root / "report")
+    pictures = ", ".join(sorted(p.name for p in report.parent.glob("*.png")))
+    print(f"Run directories: {root}/<method>/ (adapter/, metrics.json, monitor.jsonl, tb/).")
+    print(f"Report: {report} with the pictures {pictures}: ‖A‖ and ‖B‖ per layer type over the steps, the "
+          "fraction of layers still shrinking, when each stopped, and both methods' loss curves.")
     print(f"Demo wall time: {time.perf_counter() - started:.0f} s")
     return results
