@@ -256,3 +256,18 @@ def test_written_files_follow_the_umask(tmp_path):
         os.umask(previous)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_failed_directory_write_leaves_the_old_directory_and_no_debris(tmp_path):
+    from stablelora.fileio import atomic_directory
+
+    save_adapter(tiny_llama_peft(), tmp_path / "adapter", None)
+    before = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            (tmp / "adapter_config.json").write_text("{half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    save_adapter(tiny_llama_peft(), tmp_path / "adapter", None)  # and a second save replaces the first whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -12,12 +12,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
+
+from stablelora.fileio import atomic_directory
 
 
 def cache_root() -> Path:
@@ -67,14 +68,9 @@ def _converted(cache_name: str, gguf_path: Callable[[], Path]) -> Path:
     clean.load_state_dict(quantised.state_dict())
     steps.update()
     steps.set_postfix_str("saving")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     steps.update()
     steps.close()
     return target

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from stablelora.assets.models import resolve_model
 from stablelora.diagnostics.monitor import StabilityMonitor
 from stablelora.assets.tasks import CLASSIFICATION, GENERATION, MULTIPLE_CHOICE, TaskData, load_jsonl_task, load_task
 from stablelora.eval.classification import evaluate_classification
-from stablelora.fileio import umask_mode, write_atomic, write_json
+from stablelora.fileio import atomic_directory, write_atomic, write_json
 from stablelora.eval.math import evaluate_math
 from stablelora.eval.multiple_choice import evaluate_causal_mc, evaluate_encoder_mc
 from stablelora.methods import ADAPTER_OPTIONS, lora_config_kwargs
@@ -285,18 +284,11 @@ def gather_trainable(model) -> dict[str, torch.Tensor] | None:
 def save_adapter(model, target: Path, init_dir: Path | None, state_dict: dict | None = None) -> None:
     """Save a standard PEFT adapter atomically; inits that mutate W0 are converted to plain LoRA (rank 2r).
     ``state_dict`` gives the weights when the model's own are shards (``gather_trainable``)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    os.chmod(tmp, umask_mode(directory=True))
-    try:
+    with atomic_directory(target) as tmp:
         if init_dir is not None:
             model.save_pretrained(tmp, path_initial_model_for_weight_conversion=str(init_dir), state_dict=state_dict)
         else:
             model.save_pretrained(tmp, state_dict=state_dict)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stop_summary(optimizer) -> dict | None:
