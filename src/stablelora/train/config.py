@@ -51,6 +51,8 @@ def load_yaml(text: str):
 class ModelArguments:
     name_or_path: str = field(default="smollm2-135m-instruct",
                               metadata={"help": "a named offline model (stablelora models) or a local HF model dir"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "4bit (NF4, QLoRA) or 8bit: load the frozen base through bitsandbytes; LoRA weights stay fp32"})
 
 
 @dataclass
@@ -249,6 +251,34 @@ def _require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}={value!r}: {rule}.")
 
 
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def check_quantization(model, method, training) -> None:
+    """A quantized base (QLoRA) takes plain LoRA adapters: refuse what cannot work on one, with the reason."""
+    if model.quantization is None:
+        return
+    _require(model.quantization in QUANTIZATIONS, "model.quantization", model.quantization,
+             f"must be one of {', '.join(QUANTIZATIONS)} (or left out for a full-precision base)")
+    from stablelora.methods import ADAPTER_OPTIONS
+
+    options = method.adapter if isinstance(method.adapter, list) else [method.adapter]
+    rewrites = [o for o in options if o in ADAPTER_OPTIONS and ADAPTER_OPTIONS[o].mutates_base]
+    if rewrites:
+        raise ConfigError(f"method.adapter={rewrites} with model.quantization={model.quantization}: this "
+                          "initialisation rewrites the base weights (W0 - B·A), which a quantized base cannot hold "
+                          "exactly. Use a full-precision base for it, or the default LoRA init on a quantized one.")
+    if training.fsdp:
+        raise ConfigError(f"training.fsdp with model.quantization={model.quantization}: sharding a bitsandbytes "
+                          "base is not supported here. Train the quantized base on one device (or DDP), or drop "
+                          "the quantization.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"model.quantization={model.quantization} needs bitsandbytes: pip install "
+                          "'stablelora[qlora]' (or bitsandbytes>=0.50).") from err
+
+
 def check_values(built: dict[str, Any]) -> None:
     """Everything that can be checked before a model is loaded: ranges, the dataset name, the model directory.
     A compare config builds every planned run, so this also checks a whole grid before its first run."""
@@ -285,6 +315,7 @@ def check_values(built: dict[str, Any]) -> None:
             path = getattr(data, key)
             _require(path is not None and Path(path).is_file(), f"data.{key}", path,
                      "data.dataset=jsonl needs an existing JSONL file here")
+    check_quantization(built["model"], method, training)
     if built["model"].name_or_path not in NAMED_MODELS:
         try:
             check_model_dir(built["model"].name_or_path)

@@ -178,7 +178,27 @@ class TaskPipeline:
     def load_model(self, model_dir: Path):
         extra = {"num_labels": self.task.num_labels or 2} if self.kind == ENCODER and \
             self.task.family == CLASSIFICATION else {}
-        return self.model_class().from_pretrained(model_dir, dtype=torch.float32, **extra)
+        quantization = self.cfg.model.quantization
+        if quantization is None:
+            return self.model_class().from_pretrained(model_dir, dtype=torch.float32, **extra)
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if self.cfg.training.bf16 else torch.float32
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=compute) if quantization == "4bit" else \
+            BitsAndBytesConfig(load_in_8bit=True)
+        model = self.model_class().from_pretrained(model_dir, dtype=torch.float32, quantization_config=bnb, **extra)
+        from bitsandbytes.nn import Linear4bit
+
+        for module in model.modules():
+            # On an AVX512-BF16 CPU, bitsandbytes repacks a 4-bit weight for inference at the first no-grad
+            # forward (our evaluation before training) and keeps that layout, whose kernel has no backward: every
+            # later training step then gets no gradient through the base (B stayed 0). Keep the training layout.
+            if isinstance(module, Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+        # QLoRA's preparation: the base frozen, its remaining full-precision weights (norms, head) in fp32
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     def lora_config(self):
         from peft import LoraConfig, TaskType
