@@ -28,7 +28,7 @@ import yaml
 
 from stablelora.eval import HIGHER_IS_BETTER
 from stablelora.reporting.stats import select_on_validation
-from stablelora.train.config import (ConfigError, load_yaml, build_config, merge_config_layers, nest_overrides,
+from stablelora.train.config import (ConfigError, build_config, load_yaml, merge_config_layers, nest_overrides,
                                      read_config_file)
 
 LEARNING_RATE = "training.learning_rate"

@@ -2,8 +2,9 @@
 
 Protocol, per method: the setting (learning rate and any tuned values) with the best mean *validation* score on the
 tune seeds is chosen; the test metric at that setting is reported as mean ± sample std over the report seeds (those
-that did not choose it), next to the best seed (the paper's protocol), and as a paired difference against the baseline with a 95 % t-interval. Costs are
-means over the same runs, divided by the baseline's. Variants are reported at their method's chosen setting.
+that did not choose it), next to the best seed (the paper's protocol), and as a paired difference against the
+baseline with a 95 % t-interval. Costs are means over the same runs, divided by the baseline's. Variants are reported
+at their method's chosen setting.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def _relative_to_working_dir(path: Path) -> str:
         return str(path)
 
 
-def _final_records(cfg: CompareConfig, records: dict[str, dict], name: str, label: str) -> list[dict]:
+def _final_records(cfg: CompareConfig, records: dict[str, dict], name: str, label: str,
+                   seeds: list[int] | None = None) -> list[dict]:
+    """The runs of one method at one setting, by seed: on the report seeds unless other seeds are named."""
+    seeds = cfg.report_seeds if seeds is None else seeds
     return sorted((r for r in records.values() if r["method"] == name and r["setting_label"] == label
-                   and r["seed"] in cfg.report_seeds), key=lambda r: r["seed"])
+                   and r["seed"] in seeds), key=lambda r: r["seed"])
 
 
 def _summary(values: list[float]) -> dict | None:
@@ -99,19 +103,17 @@ def _sweep(cfg: CompareConfig, records: dict[str, dict]) -> dict:
     """Every method at every setting, over the tune seeds: the test metric against the learning rate (mean ± std,
     95 % interval of the mean), the paired difference against the baseline at the same rate, and how many
     Stable-LoRA layers stopped. No setting is chosen here, so no score carries a winner's curse."""
-    def at(name: str, label: str) -> list[dict]:
-        return sorted((r for r in records.values() if r["method"] == name and r["setting_label"] == label
-                       and r["seed"] in cfg.tune_seeds), key=lambda r: r["seed"])
-
-    baseline_at = {s[LEARNING_RATE]: {r["seed"]: r for r in at(cfg.baseline, setting_label(s))}
+    baseline_at = {s[LEARNING_RATE]: {r["seed"]: r for r in _final_records(cfg, records, cfg.baseline,
+                                                                             setting_label(s), cfg.tune_seeds)}
                    for s in cfg.methods[cfg.baseline].settings()}
     sweep = {}
     for method in cfg.methods.values():
         rows = []
         for setting in method.settings():
             label = setting_label(setting)
-            runs = at(method.name, label)
-            row = {"setting": label, "learning_rate": setting[LEARNING_RATE],
+            runs = _final_records(cfg, records, method.name, label, cfg.tune_seeds)
+            others = {key: value for key, value in setting.items() if key != LEARNING_RATE}
+            row = {"setting": label, "learning_rate": setting[LEARNING_RATE], "other_values": setting_label(others),
                    "validation": _summary([r["validation"] for r in runs if r["validation"] is not None]),
                    **_entry(cfg, runs, baseline_at.get(setting[LEARNING_RATE], {}))}
             tests = list(row["seeds"].values())
@@ -328,10 +330,9 @@ def _plot_sweep(result: dict, out: Path, plt) -> str | None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (name, rows) in enumerate(curves.items()):
-        others = sorted({r["setting"].split(", ", 1)[1] for r in rows if ", " in r["setting"]}) or [None]
-        for extra in others:
-            line = [r for r in rows if extra is None or r["setting"].endswith(extra)]
-            label = name if extra is None else f"{name} {extra}"
+        for others in sorted({r["other_values"] for r in rows}):  # one curve per value of the other tuned keys
+            line = [r for r in rows if r["other_values"] == others]
+            label = f"{name} {others}".strip()
             rates = [r["learning_rate"] for r in line]
             left.plot(rates, [r["test"]["mean"] for r in line], "o-", color=f"C{i}", label=label)
             banded = [r for r in line if r["test_interval"]]

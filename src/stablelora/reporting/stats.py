@@ -60,9 +60,7 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> P
     diffs = [method[s] - baseline[s] for s in seeds]
     if len(diffs) < 2:
         raise ValueError(f"a paired interval needs >= 2 seeds run by both methods, got {len(diffs)} ({seeds}).")
-    mean = statistics.fmean(diffs)
-    half = t_critical_95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return PairedDifference(mean, mean - half, mean + half, len(diffs))
+    return PairedDifference(statistics.fmean(diffs), *mean_interval(diffs), len(diffs))
 
 
 def select_on_validation(records: list[dict], *, key: str = "lr", validation_key: str = "validation",

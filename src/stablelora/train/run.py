@@ -181,6 +181,7 @@ class TaskPipeline:
         quantization = self.cfg.model.quantization
         if quantization is None:
             return self.model_class().from_pretrained(model_dir, dtype=torch.float32, **extra)
+        from bitsandbytes.nn import Linear4bit
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
@@ -189,8 +190,6 @@ class TaskPipeline:
                                  bnb_4bit_compute_dtype=compute) if quantization == "4bit" else \
             BitsAndBytesConfig(load_in_8bit=True)
         model = self.model_class().from_pretrained(model_dir, dtype=torch.float32, quantization_config=bnb, **extra)
-        from bitsandbytes.nn import Linear4bit
-
         for module in model.modules():
             # On an AVX512-BF16 CPU, bitsandbytes repacks a 4-bit weight for inference at the first no-grad
             # forward (our evaluation before training) and keeps that layout, whose kernel has no backward: every
