@@ -95,3 +95,12 @@ def test_combinations_a_quantized_base_cannot_take_are_refused(tiny_causal, tmp_
     args = _args(tiny_causal, "4bit")
     with pytest.raises(ConfigError, match=message):
         load_config(args[0], args[1:] + change, output_dir=str(tmp_path / "never"))
+
+
+def test_a_quantized_base_without_bitsandbytes_says_how_to_install_it(tiny_causal, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    args = _args(tiny_causal, "4bit")
+    with pytest.raises(ConfigError, match=r"model.quantization=4bit needs bitsandbytes: pip install 'stablelora\[qlora\]'"):
+        load_config(args[0], args[1:], output_dir=str(tmp_path / "never"))
