@@ -122,3 +122,19 @@ def test_a_model_directory_without_weights_or_model_type_is_refused(tmp_path):
     (model / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ConfigError, match=r"has no weights \(\*.safetensors or \*.bin\)"):
         load_config(None, [f"model.name_or_path={model}"], output_dir=str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("missing, package, command, extra", [
+    ("yaml", "pyyaml", ["train", "configs/smollm2_openbookqa.yaml"], "train"),
+    ("matplotlib", "matplotlib", ["report", "runs/none"], "train"),
+])
+def test_a_command_whose_extra_is_not_installed_says_which_to_install(missing, package, command, extra):
+    """`pip install stablelora` brings the optimizer only; the commands need an extra and must say so."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"  # as when the package is not installed
+            f"from stablelora.cli import main; sys.exit(main({command!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"needs the {package} package" in done.stderr and f"pip install 'stablelora[{extra}]'" in done.stderr

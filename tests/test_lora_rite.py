@@ -7,6 +7,8 @@ from stablelora.optim.lora_rite import LoRARITE
 from stablelora.optim.pairs import LoraPair, find_lora_pairs
 from tiny import batches, swap_like_accelerate_fsdp2, tiny_peft_model, train_step
 
+pytestmark = pytest.mark.core  # needs only torch and peft: scripts/check_wheel.sh runs it against the wheel
+
 
 def _delta_z(a0, b0, target, steps=3):
     a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())

@@ -1,6 +1,8 @@
 """StabilityMonitor numbers against a hand computation, and its Trainer/run integration."""
 
+import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ from torch import nn
 
 from stablelora import create_stablelora_optimizer
 from stablelora.diagnostics.monitor import StabilityMonitor, module_type
+
+pytestmark = pytest.mark.core  # needs only torch and peft: scripts/check_wheel.sh runs it against the wheel
 
 
 class OneLayer(nn.Module):
@@ -51,7 +55,25 @@ def test_norms_and_delta_split_match_a_hand_computation(tmp_path):
     assert record["summary"]["median_delta_ratio"] == pytest.approx(got["delta1"] / got["delta2"])
     written = [json.loads(l) for l in (tmp_path / "monitor.jsonl").read_text().splitlines()]
     assert written == [record]
-    assert list((tmp_path / "tb" / "monitor").glob("events.out.tfevents*"))
+    if importlib.util.find_spec("tensorboard"):  # TensorBoard scalars beside the jsonl, where it is installed
+        assert list((tmp_path / "tb" / "monitor").glob("events.out.tfevents*"))
+
+
+def test_without_tensorboard_the_monitor_writes_its_jsonl_and_refuses_only_an_explicit_request(tmp_path, monkeypatch):
+    """The core install has no tensorboard: the monitor must still record (it used to fail at the first record)."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now fails, as when not installed
+    model = get_peft_model(OneLayer(), LoraConfig(r=2, target_modules=["proj"]))
+    x = torch.randn(3, 4, 6)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    monitor = StabilityMonitor(model, {"x": x}, every=1, output_dir=tmp_path)
+    monitor.before_step(0, opt)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    monitor.after_step(0, opt)
+    monitor.close()
+    assert len((tmp_path / "monitor.jsonl").read_text().splitlines()) == 1 and not (tmp_path / "tb").exists()
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        StabilityMonitor(model, {"x": x}, output_dir=tmp_path, tensorboard=True)
 
 
 def test_only_due_steps_are_recorded_and_stable_lora_status_is_read():

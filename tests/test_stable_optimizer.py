@@ -16,6 +16,8 @@ from torch import nn
 from stablelora import create_stablelora_optimizer, find_lora_pairs
 from tiny import TinyNet, batches, swap_like_accelerate_fsdp2, tiny_peft_model, train_step
 
+pytestmark = pytest.mark.core  # needs only torch and peft: scripts/check_wheel.sh runs it against the wheel
+
 
 class ReferenceStableLoRA:
     """A deliberately plain re-implementation of the paper's algorithm, independent of the library.

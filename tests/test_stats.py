@@ -6,6 +6,8 @@ import pytest
 
 from stablelora.reporting.stats import paired_difference, select_on_validation, summarise, t_critical_95
 
+pytestmark = pytest.mark.core  # needs only torch and peft: scripts/check_wheel.sh runs it against the wheel
+
 
 def test_summary_mean_sample_std_best():
     s = summarise([0.60, 0.62, 0.67])

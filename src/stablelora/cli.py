@@ -167,6 +167,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or leftover)}")
     if leftover:
         args.overrides = list(args.overrides) + leftover
+    try:
+        return _dispatch(parser, args)
+    except ModuleNotFoundError as err:
+        module = (err.name or "").split(".")[0]
+        extra = _EXTRA_OF_MODULE.get(module)
+        if extra is None or os.environ.get("STABLELORA_DEBUG"):
+            raise
+        package = {"yaml": "pyyaml", "reasoning_gym": "reasoning-gym"}.get(module, module)
+        print(f"error: stablelora {args.command} needs the {package} package, which `pip install stablelora` "
+              f"(the optimizer only) does not bring: pip install 'stablelora[{extra}]'", file=sys.stderr)
+        return 2
+
+
+# The packages of the extras in pyproject.toml, by the module they import as
+_EXTRA_OF_MODULE = {
+    **dict.fromkeys(["transformers", "accelerate", "datasets", "safetensors", "yaml", "tensorboard", "matplotlib",
+                     "tqdm"], "train"),
+    **dict.fromkeys(["gguf", "reasoning_gym"], "train,assets"),
+    "trl": "trl",
+    "bitsandbytes": "qlora",
+}
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from stablelora.benchmark.grid import CompareError
     from stablelora.reporting.report import ReportError
     from stablelora.train.config import ConfigError

@@ -8,6 +8,7 @@ learning-rate ratio, except the combinations ``check_combination`` refuses, each
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -56,6 +57,18 @@ def _kwargs_without(kwargs: dict, *names: str) -> dict:
     return {k: v for k, v in kwargs.items() if k not in names}
 
 
+def _from_peft(module: str, name: str, method: str) -> Any:
+    """A PEFT feature that a baseline needs; a clear error where the installed peft predates it (the core of
+    stablelora supports older peft releases than the baselines do)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        import peft
+
+        raise ValueError(f"{method} needs {module}.{name}, which peft {peft.__version__} does not have: "
+                         "pip install -U peft (stablelora's lock uses peft 0.21.2).") from None
+
+
 def _loraplus_groups(model, method, optimizer_cls, kwargs, weight_decay) -> list[dict]:
     from peft.optimizers import create_loraplus_optimizer
 
@@ -84,8 +97,7 @@ def _stable(model, method, optimizer_cls, kwargs, groups, weight_decay):
 
 
 def _riemannian(model, method, optimizer_cls, kwargs, groups, weight_decay):
-    from peft.optimizers import create_riemannian_optimizer
-
+    create_riemannian_optimizer = _from_peft("peft.optimizers", "create_riemannian_optimizer", "riemannian")
     return create_riemannian_optimizer(model, optimizer_cls, reg=method.riemannian_reg,
                                        weight_decay=weight_decay, **kwargs)
 
@@ -120,9 +132,7 @@ OPTIMIZER_METHODS: dict[str, OptimizerMethod] = {
 
 
 def _lora_ga_kwargs() -> dict[str, Any]:
-    from peft import LoraGAConfig
-
-    return {"init_lora_weights": "lora_ga", "lora_ga_config": LoraGAConfig()}
+    return {"init_lora_weights": "lora_ga", "lora_ga_config": _from_peft("peft", "LoraGAConfig", "lora-ga")()}
 
 
 ADAPTER_OPTIONS: dict[str, AdapterOption] = {

@@ -19,6 +19,7 @@ HF Trainer:      trainer.add_callback(monitor)   (it is a TrainerCallback)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -45,12 +46,22 @@ def _rms(t: torch.Tensor) -> float:
 
 
 class StabilityMonitor(TrainerCallback):
-    """Records per-layer LoRA norms, shrink status and the delta1/delta2 split every ``every`` optimizer steps."""
+    """Records per-layer LoRA norms, shrink status and the delta1/delta2 split every ``every`` optimizer steps.
+
+    With ``output_dir`` every record is appended to ``monitor.jsonl`` there, and its summary is written as
+    TensorBoard scalars under ``tb/monitor`` when ``tensorboard`` is True, or None (the default) and the tensorboard
+    package is installed: the core install does not bring it.
+    """
 
     def __init__(self, model: nn.Module, probe_batch: dict[str, torch.Tensor], *, every: int = 10,
-                 output_dir: str | Path | None = None, max_probe_tokens: int = 256):
+                 output_dir: str | Path | None = None, max_probe_tokens: int = 256, tensorboard: bool | None = None):
         if every < 1:
             raise ValueError(f"StabilityMonitor: every must be >= 1, got {every}.")
+        installed = importlib.util.find_spec("tensorboard") is not None
+        if tensorboard and not installed:
+            raise ImportError("StabilityMonitor(tensorboard=True) needs the tensorboard package: pip install "
+                              "tensorboard (or stablelora[train]), or pass tensorboard=None to write monitor.jsonl only.")
+        self.tensorboard = installed if tensorboard is None else tensorboard
         self.model = model
         find_lora_pairs(model)  # fail now, not at the first monitored step, if the model has no trainable LoRA
         self.every = every
@@ -150,6 +161,8 @@ class StabilityMonitor(TrainerCallback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "monitor.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if not self.tensorboard:
+            return
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -501,7 +501,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if cfg.monitor.enabled:
         probe = pipeline.collator()(pipeline.train_items(task.train[: cfg.monitor.probe_examples]))
         callbacks.append(StabilityMonitor(model, probe, every=cfg.monitor.every,
-                                          output_dir=run_dir if main_process else None))
+                                          output_dir=run_dir if main_process else None, tensorboard=True))
     trainer = StableLoRATrainer(model=model, args=cfg.training, train_dataset=ListDataset(train_items),
                                 data_collator=pipeline.collator(), method=cfg.method, callbacks=callbacks)
     if torch.cuda.is_available():
