@@ -81,3 +81,36 @@ def swap_like_accelerate_fsdp2(opt: torch.optim.Optimizer, old_model: nn.Module,
             placeholder.data_ptr = p.data_ptr()
             group["params"][i] = placeholder
     fsdp2_switch_optimizer_parameters(opt, mapping)
+
+
+def save_tiny_chat_model(directory, seed: int = 0) -> None:
+    """A 2-layer random Llama with a word-level tokenizer and a ChatML chat template, saved as a local model
+    directory: what a trainer framework loads from disk, built from nothing but transformers and tokenizers, so it
+    works in any environment (no model hub, no asset package)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = ["user", "assistant", "system", "add", "and", "is", "what", "the", "sum", "of", "?", ".", "\n"]
+    vocab = {token: i for i, token in enumerate(special + words + [str(n) for n in range(100)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), behavior="removed"),
+                                                     pre_tokenizers.Split(Regex(r"\n|\?|\."), behavior="isolated")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=special[2:])
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def sum_conversations(n: int = 32) -> list[dict]:
+    """Chat-format training data for the tiny chat model: 'what is the sum of a and b ?' -> 'a+b'."""
+    return [{"messages": [{"role": "user", "content": f"what is the sum of {a} and {b} ?"},
+                          {"role": "assistant", "content": str(a + b)}]}
+            for a, b in ((i % 9, (3 * i) % 7) for i in range(n))]

@@ -1,4 +1,4 @@
-"""A drop-in optimizer factory for HF ``Trainer`` and every trainer built on it (TRL, unsloth, axolotl).
+"""A drop-in optimizer factory for HF ``Trainer`` and every trainer built on it (TRL, unsloth, axolotl, ms-swift).
 
 ``Trainer(..., optimizer_cls_and_kwargs=(StableLoRAOptimizerFactory, kwargs))`` calls
 ``StableLoRAOptimizerFactory()(model, **kwargs)`` in ``create_optimizer`` (transformers treats any callable that is
@@ -57,3 +57,15 @@ class StableLoRAOptimizerFactory:
             ]
         return create_stablelora_optimizer(model, optimizer_cls, shrink_ratio=shrink_ratio, stop_rule=stop_rule,
                                            params=[g for g in groups if g["params"]], lr=lr, **optimizer_kwargs)
+
+
+def create_from_training_args(model: nn.Module, training_args: Any, *, shrink_ratio: float = 5e-4,
+                              stop_rule: bool = True) -> Optimizer:
+    """Stable-LoRA over the base optimizer a ``TrainingArguments`` asks for (``optim``, ``learning_rate``, betas, eps,
+    ``weight_decay``): what a framework's plug-in builds, so its users keep configuring the optimizer as they do."""
+    from transformers import Trainer
+
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    return StableLoRAOptimizerFactory()(model, optimizer_cls=optimizer_cls, shrink_ratio=shrink_ratio,
+                                        stop_rule=stop_rule, weight_decay=training_args.weight_decay,
+                                        **optimizer_kwargs)
