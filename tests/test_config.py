@@ -1,10 +1,13 @@
 """Config loading: YAML + overrides into dataclasses, and one clear error per mistake."""
 
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from stablelora.methods import build_optimizer
 from stablelora.train.config import ConfigError, help_keys, load_config
 
 
@@ -138,3 +141,17 @@ def test_a_command_whose_extra_is_not_installed_says_which_to_install(missing, p
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"needs the {package} package" in done.stderr and f"pip install 'stablelora[{extra}]'" in done.stderr
+
+
+def test_stable_lora_with_nonzero_B_init_warns_once_per_run():
+    """Checked once, where the settings are made: loading a run's config and building its optimizer used to check
+    (and warn) twice."""
+    from tiny import tiny_peft_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config("configs/smollm2_openbookqa.yaml", ["method.optimizer=stable-lora", "method.adapter=[pissa]"])
+        model = tiny_peft_model(embedding=False)
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.01}]
+        build_optimizer(model, cfg.method, torch.optim.AdamW, {"lr": 1e-2}, groups, 0.01)
+    assert sum("B starts non-zero" in str(w.message) for w in caught) == 1

@@ -24,6 +24,17 @@ class OneLayer(nn.Module):
         return self.proj(x)
 
 
+def _one_monitored_sgd_step(model, x: torch.Tensor, output_dir) -> dict:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    monitor = StabilityMonitor(model, {"x": x}, every=1, output_dir=output_dir)
+    monitor.before_step(0, opt)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    record = monitor.after_step(0, opt)
+    monitor.close()
+    return record
+
+
 def test_norms_and_delta_split_match_a_hand_computation(tmp_path):
     torch.manual_seed(0)
     model = get_peft_model(OneLayer(), LoraConfig(r=2, lora_alpha=6, target_modules=["proj"]))
@@ -33,13 +44,7 @@ def test_norms_and_delta_split_match_a_hand_computation(tmp_path):
     a0 = layer.lora_A["default"].weight.detach().clone()
     b0 = layer.lora_B["default"].weight.detach().clone()
     x = torch.randn(3, 4, 6)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    monitor = StabilityMonitor(model, {"x": x}, every=1, output_dir=tmp_path)
-    monitor.before_step(0, opt)
-    model(x).pow(2).sum().backward()
-    opt.step()
-    record = monitor.after_step(0, opt)
-    monitor.close()
+    record = _one_monitored_sgd_step(model, x, tmp_path)
 
     a1, b1 = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
     s = 6 / 2
@@ -64,13 +69,7 @@ def test_without_tensorboard_the_monitor_writes_its_jsonl_and_refuses_only_an_ex
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now fails, as when not installed
     model = get_peft_model(OneLayer(), LoraConfig(r=2, target_modules=["proj"]))
     x = torch.randn(3, 4, 6)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    monitor = StabilityMonitor(model, {"x": x}, every=1, output_dir=tmp_path)
-    monitor.before_step(0, opt)
-    model(x).pow(2).sum().backward()
-    opt.step()
-    monitor.after_step(0, opt)
-    monitor.close()
+    _one_monitored_sgd_step(model, x, tmp_path)
     assert len((tmp_path / "monitor.jsonl").read_text().splitlines()) == 1 and not (tmp_path / "tb").exists()
     with pytest.raises(ImportError, match="pip install tensorboard"):
         StabilityMonitor(model, {"x": x}, output_dir=tmp_path, tensorboard=True)
@@ -94,6 +93,11 @@ def test_only_due_steps_are_recorded_and_stable_lora_status_is_read():
     assert all("shrinking" in l for l in last["layers"])
     assert last["summary"]["shrinking_fraction"] == sum(l["shrinking"] for l in last["layers"]) / 3
     assert monitor.records[0]["layers"][0]["delta1"] == 0.0 or monitor.records[0]["layers"][0]["delta1"] > 0
+    logs = {}
+    monitor.on_log(None, None, None, logs=logs)
+    # the Trainer logs the optimizer's own, current fraction (stable_lora/shrinking_fraction); the monitor's, from
+    # its last monitored step, would be a second, stale figure under another name
+    assert "stability/median_a_per_in" in logs and "stability/shrinking_fraction" not in logs
 
 
 @pytest.mark.parametrize("name, kind", [("model.layers.3.self_attn.q_proj", "q_proj"),

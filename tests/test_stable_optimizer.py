@@ -64,15 +64,27 @@ def adamw_reference(model: nn.Module) -> ReferenceStableLoRA:
                                LAMBDA)
 
 
+def ours_and_reference(model: nn.Module):
+    """Stable-LoRA (AdamW, LAMBDA) on ``model``, and the reference on an exact copy of it."""
+    ref_model = copy.deepcopy(model)
+    ours = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
+    return ours, ref_model, adamw_reference(ref_model)
+
+
+def train_both(model: nn.Module, opt, ref_model: nn.Module, ref: ReferenceStableLoRA, steps: int) -> None:
+    for batch in batches(steps):
+        train_step(model, opt, batch)
+        train_step(ref_model, ref, batch)
+
+
 def assert_same_params(m1: nn.Module, m2: nn.Module) -> None:
     for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), f"{n1} differs"
 
 
 def test_trajectory_equals_reference_over_120_steps_with_staggered_stops():
-    ours_model, ref_model = tiny_peft_model(), tiny_peft_model()
-    ours = create_stablelora_optimizer(ours_model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    ref = adamw_reference(ref_model)
+    ours_model = tiny_peft_model()
+    ours, ref_model, ref = ours_and_reference(ours_model)
     for t, batch in enumerate(batches(120), start=1):
         train_step(ours_model, ours, batch)
         train_step(ref_model, ref, batch)
@@ -253,12 +265,8 @@ def test_multiple_adapters_pair_within_each_adapter_and_skip_frozen_ones():
         layer = modules[pair.module_name]
         assert pair.lora_A is layer.lora_A[pair.adapter].weight
         assert pair.lora_B is layer.lora_B[pair.adapter].weight
-    ref_model = copy.deepcopy(model)
-    opt = create_stablelora_optimizer(model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    ref = adamw_reference(ref_model)
-    for batch in batches(60):
-        train_step(model, opt, batch)
-        train_step(ref_model, ref, batch)
+    opt, ref_model, ref = ours_and_reference(model)
+    train_both(model, opt, ref_model, ref, 60)
     assert_same_params(model, ref_model)
 
 
@@ -322,9 +330,8 @@ def test_per_group_shrink_ratio_and_runtime_change_are_honoured():
 
 
 def test_closure_is_evaluated_before_the_shrink_and_its_loss_returned():
-    ours_model, ref_model = tiny_peft_model(), tiny_peft_model()
-    ours = create_stablelora_optimizer(ours_model, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
-    ref = adamw_reference(ref_model)
+    ours_model = tiny_peft_model()
+    ours, ref_model, ref = ours_and_reference(ours_model)
     for ids, target in batches(10):
         def closure():
             ours.zero_grad()
@@ -422,9 +429,7 @@ def test_follows_accelerate_fsdp2_parameter_swap():
     opt = create_stablelora_optimizer(built_on, torch.optim.AdamW, shrink_ratio=LAMBDA, **ADAMW)
     swap_like_accelerate_fsdp2(opt, built_on, trained)
     ref = adamw_reference(ref_model)
-    for batch in batches(60):
-        train_step(trained, opt, batch)
-        train_step(ref_model, ref, batch)
+    train_both(trained, opt, ref_model, ref, 60)
     assert_same_params(trained, ref_model)
     assert [s.stop_step for s in opt.stable_lora_status()] == list(ref.stop_step.values())
     assert any(s is not None for s in ref.stop_step.values())

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from stablelora.methods import MethodArguments
 from stablelora.train.data import CausalCollator, ListDataset
-from stablelora.train.run import latest_checkpoint, save_adapter
+from stablelora.train.run import latest_checkpoint, save_adapter, save_initial_adapter
 from stablelora.train.trainer import StableLoRATrainer, unwrap_optimizer
 from tiny import tiny_llama, tiny_llama_peft, token_items
 
@@ -136,10 +136,7 @@ def test_inits_that_change_the_base_save_as_a_plain_adapter_for_the_original_bas
         preprocess_loraga(base, config, lambda: base(**batch).loss.backward())
     model = get_peft_model(base, config)
     init_dir = tmp_path / "init"
-    cfg = model.peft_config["default"]
-    kind, cfg.init_lora_weights = cfg.init_lora_weights, True
-    save_adapter(model, init_dir, None)
-    cfg.init_lora_weights = kind
+    save_initial_adapter(model, init_dir)
     trainer = StableLoRATrainer(model=model, args=_args(tmp_path / "ckpt", max_steps=3, save_strategy="no"),
                                 train_dataset=ListDataset(token_items(12)), data_collator=CausalCollator(0),
                                 method=MethodArguments(optimizer="adamw"))

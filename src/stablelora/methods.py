@@ -36,6 +36,9 @@ class MethodArguments:
     riemannian_reg: float = field(default=1e-2, metadata={"help": "riemannian: damping of the r x r inverse"})
     loraga_batches: int = field(default=8, metadata={"help": "lora-ga: batches for the gradient estimate"})
 
+    def __post_init__(self):
+        check_combination(self)  # once, where the settings are made: a config load or a caller's own code
+
 
 @dataclass(frozen=True)
 class OptimizerMethod:
@@ -194,7 +197,6 @@ def lora_config_kwargs(method: MethodArguments) -> dict[str, Any]:
 def build_optimizer(model: nn.Module, method: MethodArguments, optimizer_cls: type[torch.optim.Optimizer],
                     optimizer_kwargs: dict, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
     """The optimizer for ``method`` over ``groups`` (decay / no-decay groups of the trainable parameters)."""
-    check_combination(method)
     kwargs = _kwargs_without(optimizer_kwargs, "weight_decay", "params")
     return OPTIMIZER_METHODS[method.optimizer].build(model, method, optimizer_cls, kwargs, groups, weight_decay)
 

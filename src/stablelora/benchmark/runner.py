@@ -30,7 +30,6 @@ import yaml
 from stablelora.benchmark.grid import (CompareConfig, CompareError, PlannedRun, merged_config, plan,
                                       planned_records, setting_label)
 from stablelora.benchmark.results import write_results
-from stablelora.diagnostics.monitor import module_type
 from stablelora.eval import HIGHER_IS_BETTER, headline
 from stablelora.fileio import write_atomic, write_json
 
@@ -109,7 +108,7 @@ def _stops_by_module(status_path: Path) -> dict | None:
     status = json.loads(status_path.read_text())
     by_module: dict[str, list] = {}
     for layer in status["per_layer"]:
-        by_module.setdefault(module_type(layer["name"].split("[")[0]), []).append(layer["stop_step"])
+        by_module.setdefault(layer["type"], []).append(layer["stop_step"])
     return {"layers": status["layers"], "stopped": status["stopped"], "stop_steps_by_module": by_module}
 
 

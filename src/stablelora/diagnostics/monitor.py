@@ -187,7 +187,9 @@ class StabilityMonitor(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.records:
             for key, value in self.records[-1]["summary"].items():
-                if value is not None:
+                # StableLoRATrainer logs the optimizer's current shrinking fraction itself; the monitor's is as of
+                # its last monitored step, so it stays in monitor.jsonl and tb/monitor only
+                if value is not None and key != "shrinking_fraction":
                     logs[f"stability/{key}"] = value
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from stablelora.methods import MethodArguments, check_combination
+from stablelora.methods import MethodArguments
 
 
 class ConfigError(ValueError):
@@ -238,10 +238,6 @@ def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
             built[section] = cls(**kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"Invalid '{section}' settings: {err}") from err
-    try:
-        check_combination(built["method"])
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
     check_values(built)
     return RunConfig(**built, raw=raw, run_dir=run_dir)
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import yaml
 
 from stablelora.assets.models import resolve_model
-from stablelora.diagnostics.monitor import StabilityMonitor
+from stablelora.diagnostics.monitor import StabilityMonitor, module_type
 from stablelora.assets.tasks import CLASSIFICATION, GENERATION, MULTIPLE_CHOICE, TaskData, load_jsonl_task, load_task
 from stablelora.eval.classification import evaluate_classification
 from stablelora.fileio import atomic_directory, write_atomic, write_json
@@ -291,6 +292,18 @@ def build_peft_model(pipeline: TaskPipeline, model_dir: Path, train_items: list[
             from err
 
 
+def save_initial_adapter(model, target: Path) -> None:
+    """The adapter as initialised, saved before training for inits that rewrite W0 (PiSSA, OLoRA, LoRA-GA): saving
+    the trained adapter converts it to plain LoRA against this one. Its config says init_lora_weights=True, so that
+    loading it does not run the init again."""
+    adapter_config = model.peft_config["default"]
+    init_kind, adapter_config.init_lora_weights = adapter_config.init_lora_weights, True
+    try:
+        save_adapter(model, target, None)
+    finally:
+        adapter_config.init_lora_weights = init_kind
+
+
 def gather_trainable(model) -> dict[str, torch.Tensor] | None:
     """The trainable weights as whole CPU tensors when FSDP2 shards them (a collective: call it on every rank),
     else None (nothing to gather)."""
@@ -322,8 +335,8 @@ def stop_summary(optimizer) -> dict | None:
         "median_stop_step": statistics.median(stops) if stops else None,
         "first_stop_step": min(stops) if stops else None,
         "last_stop_step": max(stops) if stops else None,
-        "per_layer": [{"name": s.name, "in": s.in_features, "out": s.out_features, "stop_step": s.stop_step}
-                      for s in layers],
+        "per_layer": [{"name": s.name, "type": module_type(s.module), "in": s.in_features, "out": s.out_features,
+                       "stop_step": s.stop_step} for s in layers],
     }
 
 
@@ -439,10 +452,20 @@ def train_loss(log_history: list[dict]) -> float | None:
     return total / covered if covered else None
 
 
-def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | None = None) -> dict:
-    """Train and evaluate one configuration; returns the metrics written to RUN/metrics.json."""
-    from transformers import AutoTokenizer, set_seed
+@dataclass
+class LoadedRun:
+    """What the steps of a run share once the model and data are loaded."""
 
+    task: TaskData
+    pipeline: TaskPipeline
+    train_items: list[dict]
+    model: Any
+    init_dir: Path | None  # the adapter before training, for inits that rewrite W0 (saving converts against it)
+
+
+def open_run_directory(cfg: RunConfig, resume: bool, main_process: bool) -> Path | None:
+    """Refuse a clash with an earlier run, check what a resume needs, write config.yaml; returns the checkpoint to
+    resume from."""
     run_dir = cfg.run_dir
     checkpoints = Path(cfg.training.output_dir)
     if not resume and (checkpoints.exists() and any(checkpoints.iterdir()) or (run_dir / "metrics.json").exists()):
@@ -454,8 +477,6 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     if resume:
         check_resumable(cfg)
         check_checkpoint(resume_from)
-    # Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
-    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if main_process:
@@ -466,44 +487,61 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
         raise RunError(f"Cannot write the run directory {run_dir}: {err.strerror or err}. Choose a directory you can "
                        "write to (--output-dir / training.output_dir).") from err
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tb")
+    return resume_from
+
+
+def load_run(cfg: RunConfig, main_process: bool) -> LoadedRun:
+    """Seed, then the tokenizer, the task's splits and the base model with its adapter."""
+    from transformers import AutoTokenizer, set_seed
 
     set_seed(cfg.training.seed)
     model_dir = resolve_model(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kind = model_kind(model_dir)
     task = load_task_data(cfg)
-    pipeline = TaskPipeline(cfg, task, kind, tokenizer)
+    pipeline = TaskPipeline(cfg, task, model_kind(model_dir), tokenizer)
     pipeline.check_targets(model_dir)
     train_items = pipeline.train_items(task.train)
     model = build_peft_model(pipeline, model_dir, train_items)
     init_dir = None
     if any(ADAPTER_OPTIONS[o].mutates_base for o in cfg.method.adapter):
-        init_dir = run_dir / "adapter_init"
+        init_dir = cfg.run_dir / "adapter_init"
         if main_process and not init_dir.exists():
-            adapter_config = model.peft_config["default"]
-            init_kind, adapter_config.init_lora_weights = adapter_config.init_lora_weights, True
-            save_adapter(model, init_dir, None)
-            adapter_config.init_lora_weights = init_kind
+            save_initial_adapter(model, init_dir)
+    return LoadedRun(task, pipeline, train_items, model, init_dir)
 
-    before_path = run_dir / "eval_before.json"
-    if eval_before is None and resume and before_path.exists():
-        eval_before = json.loads(before_path.read_text())
-    if eval_before is None:
-        model.to(cfg.training.device)  # where Trainer will train it: a GPU evaluates in seconds, not minutes
-        eval_before = pipeline.evaluate(model)
+
+def evaluate_before(cfg: RunConfig, run: LoadedRun, given: dict | None, resume: bool, main_process: bool) -> dict:
+    """The evaluation of the untrained adapter: given (compare shares one), kept from the interrupted run, or made."""
+    path = cfg.run_dir / "eval_before.json"
+    result = given
+    if result is None and resume and path.exists():
+        result = json.loads(path.read_text())
+    if result is None:
+        run.model.to(cfg.training.device)  # where Trainer will train it: a GPU evaluates in seconds, not minutes
+        result = run.pipeline.evaluate(run.model)
     if main_process:
-        write_json(before_path, eval_before)
+        write_json(path, result)
+    return result
 
+
+def make_trainer(cfg: RunConfig, run: LoadedRun, main_process: bool) -> tuple[StableLoRATrainer, GracefulInterrupt]:
     interrupt = GracefulInterrupt()
-    callbacks = [interrupt, DivergenceGuard(model)]
+    callbacks = [interrupt, DivergenceGuard(run.model)]
     if cfg.monitor.enabled:
-        probe = pipeline.collator()(pipeline.train_items(task.train[: cfg.monitor.probe_examples]))
-        callbacks.append(StabilityMonitor(model, probe, every=cfg.monitor.every,
-                                          output_dir=run_dir if main_process else None, tensorboard=True))
-    trainer = StableLoRATrainer(model=model, args=cfg.training, train_dataset=ListDataset(train_items),
-                                data_collator=pipeline.collator(), method=cfg.method, callbacks=callbacks)
+        probe = run.pipeline.collator()(run.pipeline.train_items(run.task.train[: cfg.monitor.probe_examples]))
+        callbacks.append(StabilityMonitor(run.model, probe, every=cfg.monitor.every,
+                                          output_dir=cfg.run_dir if main_process else None, tensorboard=True))
+    trainer = StableLoRATrainer(model=run.model, args=cfg.training, train_dataset=ListDataset(run.train_items),
+                                data_collator=run.pipeline.collator(), method=cfg.method, callbacks=callbacks)
+    return trainer, interrupt
+
+
+def train(cfg: RunConfig, run: LoadedRun, trainer: StableLoRATrainer, resume_from: Path | None,
+          main_process: bool) -> tuple[float | None, float, dict]:
+    """Train (or restore a run killed after its last checkpoint); returns the train loss, wall seconds and the
+    memory peak. A diverged run leaves diverged.json and its log, and nothing that looks like a result."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak of training, not of loading or the first evaluation
     started = time.perf_counter()
@@ -515,48 +553,64 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
             loss = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).training_loss
         except TrainingDiverged as err:
             if main_process:
-                write_json(run_dir / "diverged.json", {"step": err.step, "message": str(err), "split": task.split_note,
-                                                       "model": cfg.model.name_or_path})
-                write_json(run_dir / "log_history.json", trainer.state.log_history)
+                write_json(cfg.run_dir / "diverged.json", {"step": err.step, "message": str(err),
+                                                           "split": run.task.split_note,
+                                                           "model": cfg.model.name_or_path})
+                write_json(cfg.run_dir / "log_history.json", trainer.state.log_history)
             raise RunDiverged(str(err)) from err
         if resume_from is not None:  # Trainer's figure covers only the steps after the resume
             loss = train_loss(trainer.state.log_history)
-    wall = time.perf_counter() - started
-    memory = peak_memory()
-    if interrupt.requested:
-        raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {checkpoints}; continue with --resume.")
+    return loss, time.perf_counter() - started, peak_memory()
 
-    # The adapter and the logs are saved before evaluating, so a failed evaluation loses no training.
-    optimizer = unwrap_optimizer(trainer.optimizer)
-    summary = stop_summary(optimizer)
-    gathered = gather_trainable(model)  # FSDP2: every rank takes part
+
+def save_outputs(cfg: RunConfig, run: LoadedRun, trainer: StableLoRATrainer, main_process: bool) -> dict | None:
+    """The log, the adapter and the Stable-LoRA stop summary (returned), saved before the evaluation after training
+    so that a failed evaluation loses no training."""
+    summary = stop_summary(unwrap_optimizer(trainer.optimizer))
+    gathered = gather_trainable(run.model)  # FSDP2: every rank takes part
     if main_process:
-        write_json(run_dir / "log_history.json", trainer.state.log_history)
-        save_adapter(model, run_dir / "adapter", init_dir, gathered)
+        write_json(cfg.run_dir / "log_history.json", trainer.state.log_history)
+        save_adapter(run.model, cfg.run_dir / "adapter", run.init_dir, gathered)
         if summary is not None:
-            write_json(run_dir / "stable_lora_status.json", summary)
-    eval_after = pipeline.evaluate(model)
-    eval_validation = pipeline.evaluate(model, validation=True) if task.validation else None
+            write_json(cfg.run_dir / "stable_lora_status.json", summary)
+    return summary
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | None = None) -> dict:
+    """Train and evaluate one configuration; returns the metrics written to RUN/metrics.json.
+
+    Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
+    """
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    resume_from = open_run_directory(cfg, resume, main_process)
+    run = load_run(cfg, main_process)
+    eval_before = evaluate_before(cfg, run, eval_before, resume, main_process)
+    trainer, interrupt = make_trainer(cfg, run, main_process)
+    loss, wall, memory = train(cfg, run, trainer, resume_from, main_process)
+    if interrupt.requested:
+        raise KeyboardInterrupt(f"Interrupted: checkpoint saved under {cfg.training.output_dir}; continue with "
+                                "--resume.")
+    summary = save_outputs(cfg, run, trainer, main_process)
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
-        "task": task.name,
-        "split": task.split_note,
+        "task": run.task.name,
+        "split": run.task.split_note,
         "model": cfg.model.name_or_path,
         "method": {"optimizer": cfg.method.optimizer, "adapter": cfg.method.adapter},
         "seed": cfg.training.seed,
         "eval_before": eval_before,
-        "eval_after": eval_after,
-        "eval_validation": eval_validation,
+        "eval_after": run.pipeline.evaluate(run.model),
+        "eval_validation": run.pipeline.evaluate(run.model, validation=True) if run.task.validation else None,
         "train_loss": loss,
         "train_steps": trainer.state.global_step,
         "train_wall_seconds": wall,
         "train_tokens": tokens,
         "tokens_per_second": tokens / wall if tokens else None,
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
         **memory,
         "resumed_from": str(resume_from) if resume_from else None,
         "stable_lora": {k: v for k, v in summary.items() if k != "per_layer"} if summary else None,
     }
     if main_process:
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(cfg.run_dir / "metrics.json", metrics)
     return metrics
