@@ -80,7 +80,7 @@ def _swift_sft(chat_model: Path, chat_data: Path, output_dir: Path, optimizer: s
 
 
 def test_ms_swift_external_plugin_trains_with_stable_lora(chat_model, chat_data, tmp_path):
-    pytest.importorskip("swift", reason="ms-swift is not installed: scripts/check_integrations.sh swift runs this")
+    pytest.importorskip("swift", reason="ms-swift is not installed: scripts/check_wheel.sh ms-swift runs this")
     plugin = tmp_path / "stable_lora_plugin.py"
     plugin.write_text("from stablelora.integrations.swift import register\n"
                       f"register(shrink_ratio={SHRINK_RATIO})\n")
@@ -117,7 +117,7 @@ def _axolotl_train(chat_model: Path, chat_data: Path, output_dir: Path, plugin: 
 
 
 def test_axolotl_plugin_trains_with_stable_lora(chat_model, chat_data, tmp_path):
-    pytest.importorskip("axolotl", reason="axolotl is not installed: scripts/check_integrations.sh axolotl runs this")
+    pytest.importorskip("axolotl", reason="axolotl is not installed: scripts/check_wheel.sh axolotl runs this")
     stable = _axolotl_train(chat_model, chat_data, tmp_path / "stable", plugin=True)
     plain = _axolotl_train(chat_model, chat_data, tmp_path / "plain", plugin=False)
     _assert_stable_lora_shrank_a(_lora_a_norms(stable), _lora_a_norms(plain))
