@@ -22,15 +22,17 @@ import time
 import torch
 
 from recording import append_result  # benchmarks/recording.py (run as python benchmarks/X.py)
-from stablelora.assets.models import resolve_model
+from stablelora.assets.models import CAUSAL, resolve_model
 from stablelora.methods import MethodArguments, build_optimizer
 from stablelora.train.config import load_config
-from stablelora.train.run import CAUSAL, TaskPipeline, build_peft_model, load_task_data, optimizer_state_bytes
+from stablelora.train.data import collator, load_task_data, train_items
+from stablelora.train.model import build_peft_model
+from stablelora.train.run import optimizer_state_bytes
 
 
-def build(method: str, pipeline, model_dir, items, shrink_ratio: float, lr: float, device: torch.device):
+def build(method: str, cfg, task, model_dir, items, collate, shrink_ratio: float, lr: float, device: torch.device):
     torch.manual_seed(0)
-    model = build_peft_model(pipeline, model_dir, items).to(device)
+    model = build_peft_model(cfg, CAUSAL, task, model_dir, items, collate).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, MethodArguments(optimizer=method, shrink_ratio=shrink_ratio),
@@ -76,13 +78,12 @@ def main(argv=None) -> None:
     model_dir = resolve_model(cfg.model.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     task = load_task_data(cfg)
-    pipeline = TaskPipeline(cfg, task, CAUSAL, tokenizer)
     needed = (args.steps + args.warmup) * args.batch_size
-    items = pipeline.train_items(task.train[:needed])
-    collate = pipeline.collator()
+    items = train_items(CAUSAL, task.family, tokenizer, task.train[:needed], cfg.data.max_length)
+    collate = collator(CAUSAL, task.family, tokenizer, cfg.data.max_length)
     batches = [{k: v.to(device) for k, v in collate(items[i : i + args.batch_size]).items()}
                for i in range(0, needed, args.batch_size)]
-    runs = {m: build(m, pipeline, model_dir, items, args.shrink_ratio, args.lr, device)
+    runs = {m: build(m, cfg, task, model_dir, items, collate, args.shrink_ratio, args.lr, device)
             for m in ("adamw", "stable-lora")}
     times: dict[str, list[float]] = {m: [] for m in runs}
     for i, batch in enumerate(batches):

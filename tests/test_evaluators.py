@@ -86,7 +86,7 @@ class DeviceRecorder(torch.nn.Module):
 
 def test_answer_token_loss_moves_inputs_to_the_model_device():
     from stablelora.train.data import CausalCollator
-    from stablelora.train.run import answer_token_loss
+    from stablelora.train.evaluate import answer_token_loss
 
     model = DeviceRecorder()
     items = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]}] * 3

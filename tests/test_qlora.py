@@ -46,7 +46,9 @@ def test_stable_lora_on_a_4bit_base_trains_stops_resumes_and_exports(tiny_causal
     from peft import PeftModel
 
     from stablelora.optim.pairs import find_lora_pairs
-    from stablelora.train.run import CAUSAL, TaskPipeline, load_task_data
+    from stablelora.train.data import load_task_data
+    from stablelora.assets.models import CAUSAL
+    from stablelora.train.model import load_base_model
 
     args = _args(tiny_causal, "4bit")
     assert main(["train", *args, "--output-dir", str(tmp_path / "straight")]) == 0
@@ -67,8 +69,7 @@ def test_stable_lora_on_a_4bit_base_trains_stops_resumes_and_exports(tiny_causal
 
     # the base really was 4-bit, Stable-LoRA pairs PEFT's bnb LoRA layers, and the adapter loads onto that base
     cfg = load_config(args[0], args[1:], output_dir=str(tmp_path / "check"))
-    pipeline = TaskPipeline(cfg, load_task_data(cfg), CAUSAL, tokenizer=None)
-    base = pipeline.load_model(tiny_causal)
+    base = load_base_model(cfg, CAUSAL, load_task_data(cfg), tiny_causal)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in base.modules()) == 2 * 7
     model = PeftModel.from_pretrained(base, tmp_path / "straight" / "adapter", is_trainable=True)
     pairs = find_lora_pairs(model)

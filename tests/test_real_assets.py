@@ -125,18 +125,18 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_the_adapter_is_saved_before_the_evaluation_after_training(tmp_path, monkeypatch):
     """A crash in the final evaluation (as on a GPU before inputs were moved) must not lose the trained adapter,
     also with save_strategy 'no' (the GPU compare configs)."""
-    from stablelora.train.run import TaskPipeline
+    from stablelora.train import run
 
-    evaluate = TaskPipeline.evaluate
+    evaluate = run.evaluate
     calls = []
 
-    def fails_after_training(self, model, validation=False):
-        calls.append(validation)
+    def fails_after_training(*args, **kwargs):
+        calls.append(args)
         if len(calls) > 1:
             raise RuntimeError("evaluation failed")
-        return evaluate(self, model, validation)
+        return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(TaskPipeline, "evaluate", fails_after_training)
+    monkeypatch.setattr(run, "evaluate", fails_after_training)
     cfg = load_config("configs/minilm_privacyqa.yaml", ["data.eval_size=16", "training.max_steps=1",
                                                         "training.save_strategy=no", "training.disable_tqdm=true"],
                       output_dir=str(tmp_path))
@@ -232,12 +232,12 @@ def test_an_output_directory_that_cannot_be_written_is_a_message(tmp_path, capsy
 
 
 def test_unknown_target_modules_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    from stablelora.train.run import TaskPipeline
+    from stablelora.train import model
 
     def never(*args, **kwargs):
         raise AssertionError("the weights were loaded before the targets were checked")
 
-    monkeypatch.setattr(TaskPipeline, "load_model", never)
+    monkeypatch.setattr(model, "load_base_model", never)
     assert _run(tmp_path, "run", "lora.target_modules=[q_proj,v_proj]") == 2
     err = capsys.readouterr().err
     assert "lora.target_modules: ['q_proj', 'v_proj'] not found in bert" in err and "'query'" in err

@@ -30,7 +30,7 @@ def test_gsm_symbolic_eval_templates_are_held_out():
 
 def test_gsm_symbolic_validation_templates_are_seen_neither_in_training_nor_in_eval(tmp_path):
     from stablelora.train.config import load_config
-    from stablelora.train.run import load_task_data
+    from stablelora.train.data import load_task_data
 
     task = load_task_data(load_config(None, ["data.dataset=gsm-symbolic", "data.eval_size=60",
                                              "data.validation_size=40"], output_dir=str(tmp_path)))
@@ -42,7 +42,8 @@ def test_gsm_symbolic_validation_templates_are_seen_neither_in_training_nor_in_e
 def test_validation_holds_out_whole_templates_when_examples_carry_them(tmp_path):
     """Tuning on problems from training templates rewards memorising them; validation must generalise like eval."""
     from stablelora.train.config import load_config
-    from stablelora.train.run import RunError, load_task_data
+    from stablelora.train.data import load_task_data
+    from stablelora.train.errors import RunError
 
     rows = [{"prompt": f"p{t}-{i}", "completion": f"c{t}-{i}", "template": t} for i in range(5) for t in range(16)]
     rows += [{"prompt": "e", "completion": "e", "template": 99}]
@@ -97,7 +98,8 @@ def test_jsonl_task_formats_and_errors(tmp_path):
 
 def test_validation_is_carved_from_train_and_the_eval_split_ignores_the_training_seed(tmp_path):
     from stablelora.train.config import load_config
-    from stablelora.train.run import RunError, load_task_data
+    from stablelora.train.data import load_task_data
+    from stablelora.train.errors import RunError
 
     def task_for(*overrides):
         cfg = load_config(None, ["data.dataset=openbookqa", "data.eval_size=50", *overrides],

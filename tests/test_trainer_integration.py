@@ -6,7 +6,8 @@ from peft import PeftModel
 
 from stablelora.methods import MethodArguments
 from stablelora.train.data import CausalCollator, ListDataset
-from stablelora.train.run import latest_checkpoint, save_adapter, save_initial_adapter
+from stablelora.train.checkpoints import latest_checkpoint
+from stablelora.train.model import save_adapter, save_initial_adapter
 from stablelora.train.trainer import StableLoRATrainer, unwrap_optimizer
 from tiny import tiny_llama, tiny_llama_peft, token_items
 

@@ -20,7 +20,8 @@ def _offline_env() -> None:
 def _train(args) -> int:
     from stablelora.eval import headline
     from stablelora.train.config import load_config
-    from stablelora.train.run import RunError, run_training
+    from stablelora.train.errors import RunError
+    from stablelora.train.run import run_training
 
     cfg = load_config(args.config, args.overrides, output_dir=args.output_dir)
     eval_before = None
@@ -46,11 +47,12 @@ def _demo(args) -> int:
 
 def _compare(args) -> int:
     from stablelora.benchmark.grid import load_compare_config, planned_records
-    from stablelora.benchmark.runner import load_records, run_grid
+    from stablelora.benchmark.records import load_records
+    from stablelora.benchmark.runner import run_grid
 
     cfg = load_compare_config(args.config, output_dir=args.output_dir)
     if args.results_only:
-        from stablelora.benchmark.results import write_results
+        from stablelora.benchmark.render import write_results
 
         records = planned_records(cfg, load_records(cfg))
         if not records:
@@ -194,7 +196,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from stablelora.benchmark.grid import CompareError
     from stablelora.reporting.report import ReportError
     from stablelora.train.config import ConfigError
-    from stablelora.train.run import RunError
+    from stablelora.train.errors import RunError
 
     try:
         if args.command == "train":

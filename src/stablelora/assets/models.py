@@ -21,6 +21,12 @@ from tqdm.auto import tqdm
 from stablelora.fileio import atomic_directory
 
 
+# The two kinds of model a run trains: a causal LM (SFT, generation) or an encoder with a task head.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta", "deberta-v2", "electra",
+                 "albert"}
+CAUSAL, ENCODER = "causal-lm", "encoder"
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("STABLELORA_CACHE", Path.home() / ".cache" / "stablelora"))
 
@@ -171,3 +177,10 @@ def resolve_model(name_or_path: str) -> Path:
     if name_or_path in NAMED_MODELS:
         return NAMED_MODELS[name_or_path].fetch()
     return check_model_dir(name_or_path)
+
+
+def model_kind(model_dir: Path) -> str:
+    """CAUSAL or ENCODER, from the model's config alone."""
+    from transformers import AutoConfig
+
+    return ENCODER if AutoConfig.from_pretrained(model_dir).model_type in ENCODER_TYPES else CAUSAL
