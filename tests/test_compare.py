@@ -19,8 +19,10 @@ import yaml
 
 from stablelora.benchmark.grid import (CompareError, load_compare_config, overrides_for, plan, run_id,
                                       setting_label)
-from stablelora.benchmark.results import aggregate, plot, to_markdown
-from stablelora.benchmark.runner import _metric_key, check_same_split, load_records, run_grid
+from stablelora.benchmark.aggregate import aggregate
+from stablelora.benchmark.records import check_same_split, load_records, metric_key
+from stablelora.benchmark.render import plot, to_markdown
+from stablelora.benchmark.runner import run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -202,10 +204,10 @@ def test_a_loss_only_math_eval_needs_the_metric_named(tmp_path):
     metrics = {"task": "gsm-symbolic", "eval_after": {"gsm-symbolic": {"examples": 4, "answer_token_loss": 1.3}}}
     with pytest.raises(CompareError, match="lower is better, but higher_is_better is true. Name it, metric: "
                                            "gsm-symbolic/answer_token_loss"):
-        _metric_key(cfg, metrics)
+        metric_key(cfg, metrics)
     named = load_compare_config(_compare(tmp_path, metric="gsm-symbolic/answer_token_loss"))
     assert named.higher_is_better is False
-    assert _metric_key(named, metrics) == ("gsm-symbolic", "answer_token_loss")
+    assert metric_key(named, metrics) == ("gsm-symbolic", "answer_token_loss")
 
 
 def test_a_run_on_a_differently_split_dataset_is_not_mixed_in(tmp_path):
