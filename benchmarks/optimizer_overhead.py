@@ -6,7 +6,8 @@ LoRA pairs, r=8). Only ``optimizer.step()`` is timed, with fixed random gradient
   stopped   - B large, so every layer stops on the first (untimed) step; after that Stable-LoRA should cost nothing.
 The optimizers are interleaved round by round (order alternating; a round is --steps steps of each) and each
 ratio is a ratio of medians over rounds. Also reports the floor of any per-step stop check (read every A and B once
-with two batched norms), a per-layer Python loop in the style of the authors' snippet, and optimizer-state bytes.
+with two batched norms), the per-layer Python loop of the authors' snippet (tests/reference.py, the oracle the tests
+check the optimizer against), and optimizer-state bytes.
 Both the default torch AdamW (what HF Trainer's adamw_torch uses) and fused AdamW are measured as bases.
 
     python benchmarks/optimizer_overhead.py [--device cuda] [--out benchmarks/results/optimizer_overhead.md]
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -24,6 +27,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from recording import append_result  # benchmarks/recording.py (run as python benchmarks/X.py)
 from stablelora import create_stablelora_optimizer, find_lora_pairs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference import ReferenceStableLoRA  # noqa: E402 - the loop the tests check the optimizer against
 
 
 def build_model(args) -> torch.nn.Module:
@@ -41,26 +47,6 @@ def build_model(args) -> torch.nn.Module:
                 p.normal_(std=0.02)
                 p.grad = torch.randn_like(p) * 1e-3
     return model
-
-
-class ReferenceStyleLoop:
-    """The authors' shrink as written: one Python iteration and two norms per layer (a host sync each on GPU)."""
-
-    def __init__(self, model, base):
-        self.pairs = [(p.lora_A, p.lora_B) for p in find_lora_pairs(model)]
-        self.keep = [True] * len(self.pairs)
-        self.base = base
-
-    @torch.no_grad()
-    def step(self):
-        for i, (a, b) in enumerate(self.pairs):
-            if not self.keep[i]:
-                continue
-            if a.norm() < (a.numel() / b.numel()) * b.norm():
-                self.keep[i] = False
-            else:
-                a.mul_(1 - 5e-4)
-        self.base.step()
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -110,7 +96,7 @@ def measure(args, regime: str, fused: bool) -> dict:
     opts = {
         "base": torch.optim.AdamW(trainable["base"], **kwargs),
         "stable": create_stablelora_optimizer(models["stable"], torch.optim.AdamW, shrink_ratio=5e-4, **kwargs),
-        "loop": ReferenceStyleLoop(models["loop"], torch.optim.AdamW(trainable["loop"], **kwargs)),
+        "loop": ReferenceStableLoRA(models["loop"], torch.optim.AdamW(trainable["loop"], **kwargs), 5e-4),
         "floor": ReadOnceFloor(models["floor"], torch.optim.AdamW(trainable["floor"], **kwargs)),
     }
     # warm-up: initialises Adam state; in 'stopped' every layer stops at once and the host drops them at its second

@@ -14,45 +14,10 @@ from peft.optimizers import create_loraplus_optimizer
 from torch import nn
 
 from stablelora import create_stablelora_optimizer, find_lora_pairs
+from reference import ReferenceStableLoRA
 from tiny import TinyNet, batches, swap_like_accelerate_fsdp2, tiny_peft_model, train_step
 
 pytestmark = pytest.mark.core  # needs only torch and peft: scripts/check_wheel.sh runs it against the wheel
-
-
-class ReferenceStableLoRA:
-    """A deliberately plain re-implementation of the paper's algorithm, independent of the library.
-
-    Pairs by parameter-name substitution, one Python flag per layer, one norm per tensor, then the base step.
-    """
-
-    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, shrink_ratio: float):
-        params = dict(model.named_parameters())
-        self.pairs = {}
-        for name, a in params.items():
-            for a_key, b_key in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-                if f".{a_key}." in name and a.requires_grad:
-                    self.pairs[name] = (a, params[name.replace(f".{a_key}.", f".{b_key}.")])
-        self.base = base
-        self.shrink_ratio = shrink_ratio
-        self.shrinking = dict.fromkeys(self.pairs, True)
-        self.stop_step = dict.fromkeys(self.pairs)
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        for name, (a, b) in self.pairs.items():
-            if not self.shrinking[name]:
-                continue
-            if a.norm() < (a.numel() / b.numel()) * b.norm():
-                self.shrinking[name] = False
-                self.stop_step[name] = self.t
-            else:
-                a.mul_(1 - self.shrink_ratio)
-        self.base.step()
-
-    def zero_grad(self):
-        self.base.zero_grad()
 
 
 ADAMW = dict(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999))
