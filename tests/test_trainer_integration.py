@@ -197,6 +197,20 @@ def test_factory_keeps_trainer_weight_decay_rule_and_needs_lr():
         StableLoRAOptimizerFactory()(model, weight_decay=0.1)
 
 
+def test_factory_takes_a_torch_optimizer_by_name_as_yaml_configs_give_it():
+    """LLaMA-Factory's optim_config and Trainer YAML configs name the base optimizer; a wrong name is a message that
+    lists the right ones, not an AttributeError from inside torch.optim."""
+    from stablelora import StableLoRAOptimizerFactory
+
+    model = tiny_llama_peft()
+    for name in ("SGD", "torch.optim.SGD"):
+        assert isinstance(StableLoRAOptimizerFactory()(model, lr=1e-3, optimizer_cls=name), torch.optim.SGD)
+    for wrong in ("Adamw", "Optimizer", "lr_scheduler"):
+        with pytest.raises(ValueError, match=f"optimizer_cls '{wrong}' is not a torch.optim optimizer. Name one of "
+                                             r"\[.*'AdamW'.*\] \(case matters\)"):
+            StableLoRAOptimizerFactory()(model, lr=1e-3, optimizer_cls=wrong)
+
+
 def test_factory_in_trl_sft_trainer_with_peft_config(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig

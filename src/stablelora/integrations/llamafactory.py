@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -33,10 +32,7 @@ def create_stable_lora_optimizer(model: nn.Module, optim_config: dict[str, Any])
     if "lr" not in settings:
         raise ValueError("optim_config with name: stable_lora needs lr (e.g. lr: 1.0e-4): LLaMA-Factory's v1 trainer "
                          "passes only optim_config to the optimizer, not learning_rate.")
-    optimizer_cls = settings.pop("optimizer_cls", torch.optim.AdamW)
-    if isinstance(optimizer_cls, str):  # a YAML value: "torch.optim.SGD" or "SGD"
-        optimizer_cls = getattr(torch.optim, optimizer_cls.removeprefix("torch.optim."))
-    return StableLoRAOptimizerFactory()(model, optimizer_cls=optimizer_cls, **settings)
+    return StableLoRAOptimizerFactory()(model, **settings)  # optimizer_cls: "SGD" in YAML, AdamW when not given
 
 
 def register() -> None:

@@ -28,16 +28,31 @@ def _decay_parameter_names(model: nn.Module) -> set[str] | None:
     return set(Trainer.get_decay_parameter_names(None, model))  # the method does not use self
 
 
+def optimizer_class(optimizer_cls: type[Optimizer] | str) -> type[Optimizer]:
+    """An optimizer class, or one named in a YAML config: "AdamW" or "torch.optim.AdamW"."""
+    if not isinstance(optimizer_cls, str):
+        return optimizer_cls
+    found = getattr(torch.optim, optimizer_cls.removeprefix("torch.optim."), None)
+    if isinstance(found, type) and issubclass(found, Optimizer) and found is not Optimizer:
+        return found
+    known = sorted(name for name, value in vars(torch.optim).items()
+                   if isinstance(value, type) and issubclass(value, Optimizer) and value is not Optimizer)
+    raise ValueError(f"optimizer_cls {optimizer_cls!r} is not a torch.optim optimizer. Name one of {known} (case "
+                     "matters), or pass the class itself for an optimizer from another package.")
+
+
 class StableLoRAOptimizerFactory:
     """Builds a Stable-LoRA optimizer for ``Trainer(optimizer_cls_and_kwargs=(StableLoRAOptimizerFactory, {...}))``.
 
-    Keyword arguments: ``optimizer_cls`` (default ``torch.optim.AdamW``), ``shrink_ratio`` (default 5e-4),
+    Keyword arguments: ``optimizer_cls`` (default ``torch.optim.AdamW``; a class, or a torch.optim name such as
+    ``"SGD"``, as a YAML config gives it), ``shrink_ratio`` (default 5e-4),
     ``stop_rule``, ``lr`` (required: Trainer does not pass ``TrainingArguments.learning_rate`` to a factory),
     ``weight_decay`` (applied as Trainer does: not to biases and norm weights), and any other keyword of
     ``optimizer_cls`` (betas, eps, fused, ...).
     """
 
-    def __call__(self, model: nn.Module, *, lr: float | None = None, optimizer_cls: type[Optimizer] = torch.optim.AdamW,
+    def __call__(self, model: nn.Module, *, lr: float | None = None,
+                 optimizer_cls: type[Optimizer] | str = torch.optim.AdamW,
                  shrink_ratio: float = 5e-4, stop_rule: bool = True, weight_decay: float = 0.0,
                  **optimizer_kwargs: Any) -> Optimizer:
         if lr is None:
@@ -55,7 +70,7 @@ class StableLoRAOptimizerFactory:
                 {"params": [p for n, p in trainable if n in decay], "weight_decay": weight_decay},
                 {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0},
             ]
-        return create_stablelora_optimizer(model, optimizer_cls, shrink_ratio=shrink_ratio, stop_rule=stop_rule,
+        return create_stablelora_optimizer(model, optimizer_class(optimizer_cls), shrink_ratio=shrink_ratio, stop_rule=stop_rule,
                                            params=[g for g in groups if g["params"]], lr=lr, **optimizer_kwargs)
 
 
