@@ -230,6 +230,15 @@ def test_a_direction_that_contradicts_a_known_metric_is_refused(tmp_path):
         is False  # a metric it does not know keeps the stated direction
 
 
+def test_results_written_while_tuning_say_tuning_not_none(tmp_path):
+    cfg = load_compare_config(_compare(tmp_path))
+    first = _record(cfg, "adamw", 1e-4, 0, 0.6, 0.6)
+    text = to_markdown(aggregate(cfg, {first["run_id"]: first}), "cmd")
+    assert "None" not in text
+    assert ("| stable-lora (the method itself) | | method.optimizer=stable-lora, method.shrink_ratio=0.002 | tuning |"
+            in text)
+
+
 def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):
     cfg = load_compare_config(_compare(tmp_path, learning_rates=[1e-4, 3e-4, 1e-3], variants={}))
     records = {}

@@ -88,8 +88,9 @@ def to_markdown(result: dict, command: str) -> str:
             if v["of"] not in shown:
                 shown.add(v["of"])
                 m = result["methods"][v["of"]]
-                lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} | {m['chosen']} "
-                             f"| {_pm(m['test'])} | {_best(result, m['test'])} | {_delta(m)} |")
+                lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} "
+                             f"| {m['chosen'] or 'tuning'} | {_pm(m['test'])} | {_best(result, m['test'])} "
+                             f"| {_delta(m)} |")
             lines.append(f"| {name} | {v['of']} | {_assignments(v['changes'])} | {v['setting'] or 'waiting'} "
                          f"| {_pm(v['test'])}{_diverged(v)} | {_best(result, v['test'])} | {_delta(v)} |")
     everything = {**result["methods"], **result["variants"]}
