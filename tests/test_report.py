@@ -1,6 +1,8 @@
 """stablelora report on stored run directories (two short real MiniLM runs: adamw and stable-lora)."""
 
+import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,25 @@ def test_the_demo_ends_with_its_report(tmp_path, capsys):
     pictures = {p.name for p in report.parent.glob("*.png")}
     assert {"norms.png", "shrinking.png", "stop_steps.png", "loss.png"} <= pictures, pictures
     assert all(f"]({name})" in text for name in pictures)
+
+
+def test_stops_are_counted_when_training_ended_not_at_the_monitors_last_sample(tmp_path):
+    """The monitor samples every few steps; a layer that stops after its last sample must still count (a run's
+    report said 26 of 60 layers stopped where its optimizer had 30 at the end)."""
+    run = tmp_path / "stable-lora"
+    shutil.copytree(RUNS / "stable-lora", run)
+    last = load_run(run).records[-1]
+    layers = [{"name": l["name"], "type": l["type"], "in": l["in"], "out": l["out"], "stop_step": l["stop_step"]}
+              for l in last["layers"]]
+    still_shrinking = [l for l in layers if l["stop_step"] is None]
+    still_shrinking[0]["stop_step"] = still_shrinking[1]["stop_step"] = last["step"] + 2  # after the last sample
+    (run / "stable_lora_status.json").write_text(json.dumps({"per_layer": layers}))
+    stopped = len(layers) - len(still_shrinking) + 2
+    steps = json.loads((run / "metrics.json").read_text())["train_steps"]
+    assert steps > last["step"]
+
+    report = write_report([run], tmp_path / "out").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| stable-lora"))
+    assert f"| {stopped}/{len(layers)} ({steps}) |" in row, row
+    median = statistics.median(l["stop_step"] for l in layers if l["stop_step"] is not None)
+    assert f"| {median} |" in row, row

@@ -1,7 +1,9 @@
 """``stablelora report RUN_DIR [RUN_DIR ...]``: stability plots and a Markdown summary from run directories.
 
-Reads only the run-directory contract: metrics.json, monitor.jsonl, log_history.json, config.yaml. Writes PNGs
-and report.md into the output directory:
+Reads only the run-directory contract: metrics.json, monitor.jsonl, log_history.json, config.yaml and
+stable_lora_status.json. The monitor samples every few steps, so which layers have stopped is taken from
+stable_lora_status.json (the optimizer at the end of training) where the run has one. Writes PNGs and report.md
+into the output directory:
   norms.png        median ||A||_F and ||B||_F over steps, one panel per module type, runs overlaid (paper Fig. 2)
   shrinking.png    fraction of LoRA layers still shrinking over steps (Stable-LoRA runs)
   stop_steps.png   histogram of the step at which each layer stopped shrinking, by module type
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,16 @@ class Run:
     metrics: dict | None
     records: list[dict]
     log_history: list[dict] = field(default_factory=list)
+    final_stops: dict | None = None  # stable_lora_status.json: each layer's stop step when training ended
+
+    def stops(self) -> tuple[int | None, list[dict]]:
+        """The step and the per-layer stop steps (name, type, stop_step) of the latest Stable-LoRA status: the end
+        of training where the run wrote one, else the monitor's last sample ([] for a run without either)."""
+        if self.final_stops is not None:
+            return (self.metrics or {}).get("train_steps"), self.final_stops["per_layer"]
+        if self.records and any("shrinking" in layer for layer in self.records[-1]["layers"]):
+            return self.records[-1]["step"], [layer for layer in self.records[-1]["layers"] if "shrinking" in layer]
+        return None, []
 
 
 def _label(path: Path, config: dict | None, metrics: dict | None) -> str:
@@ -68,14 +81,10 @@ def load_run(path: str | Path) -> Run:
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
     history_path = path / "log_history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
+    status_path = path / "stable_lora_status.json"
+    final_stops = json.loads(status_path.read_text()) if status_path.exists() else None
     return Run(path=path, label=_label(path, config, metrics), metrics=metrics,
-               records=[by_step[s] for s in sorted(by_step)], log_history=history)
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+               records=[by_step[s] for s in sorted(by_step)], log_history=history, final_stops=final_stops)
 
 
 def _series_by_type(run: Run, key: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -87,7 +96,7 @@ def _series_by_type(run: Run, key: str) -> dict[str, tuple[list[int], list[float
                 groups[layer["type"]].append(layer[key])
         for kind, values in groups.items():
             series[kind][0].append(record["step"])
-            series[kind][1].append(_median(values))
+            series[kind][1].append(statistics.median(values))
     return dict(series)
 
 
@@ -139,12 +148,16 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
     if types:
         _plot_norms(runs, types, colours, save)
 
-    stable_runs = [r for r in runs if r.records and r.records[-1]["summary"].get("shrinking_fraction") is not None]
+    stable_runs = [r for r in runs if r.stops()[1]]
     if stable_runs:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for run in stable_runs:
-            ax.plot([r["step"] for r in run.records], [r["summary"]["shrinking_fraction"] for r in run.records],
-                    color=colours[run.label], label=run.label)
+            points = [(r["step"], r["summary"]["shrinking_fraction"]) for r in run.records
+                      if r["summary"].get("shrinking_fraction") is not None]
+            step, layers = run.stops()
+            if step is not None and (not points or step > points[-1][0]):
+                points.append((step, sum(layer["stop_step"] is None for layer in layers) / len(layers)))
+            ax.plot(*zip(*points), color=colours[run.label], label=run.label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("fraction of LoRA layers still shrinking")
         ax.set_ylim(-0.02, 1.02)
@@ -154,20 +167,18 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
 
         fig, axes = plt.subplots(1, len(stable_runs), figsize=(6 * len(stable_runs), 3.8), squeeze=False)
         for ax, run in zip(axes.flat, stable_runs):
+            step, layers = run.stops()
             stops: dict[str, list[int]] = defaultdict(list)
-            never = 0
-            for layer in run.records[-1]["layers"]:
-                if layer.get("stop_step") is None:
-                    never += 1
-                else:
+            for layer in layers:
+                if layer["stop_step"] is not None:
                     stops[layer["type"]].append(layer["stop_step"])
             if stops:
                 ax.hist(list(stops.values()), bins=20, stacked=True, label=list(stops.keys()))
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no layer has stopped yet", ha="center", va="center", transform=ax.transAxes)
-            ax.set_title(f"{run.label}\n({never} layer(s) still shrinking at step {run.records[-1]['step']})",
-                         fontsize=9)
+            never = len(layers) - sum(map(len, stops.values()))
+            ax.set_title(f"{run.label}\n({never} layer(s) still shrinking at step {step})", fontsize=9)
             ax.set_xlabel("stop step")
             ax.set_ylabel("LoRA layers")
         save(fig, "stop_steps.png", "Step at which each LoRA layer stopped shrinking, by module type")
@@ -212,13 +223,14 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
         save(fig, "eval.png", "Headline eval metric before (grey) and after training")
 
     lines = ["# Stability report", "", f"Runs: {', '.join(str(r.path) for r in runs)}", "",
-             "| run | task | eval before → after | mean train loss | layers stopped | median stop step | "
+             "| run | task | eval before → after | mean train loss | layers stopped (at step) | median stop step | "
              "final median δ1/δ2 |", "|---|---|---|---|---|---|---|"]
     for run in runs:
-        last = run.records[-1] if run.records else {"layers": [], "summary": {}}
-        flags = [l for l in last["layers"] if "shrinking" in l]
-        stopped = f"{sum(not l['shrinking'] for l in flags)}/{len(flags)}" if flags else "n/a"
-        ratio = last["summary"].get("median_delta_ratio")
+        step, layers = run.stops()
+        stop_steps = [layer["stop_step"] for layer in layers if layer["stop_step"] is not None]
+        stopped = f"{len(stop_steps)}/{len(layers)} ({step})" if layers else "n/a"
+        median_stop = statistics.median(stop_steps) if stop_steps else None
+        ratio = run.records[-1]["summary"].get("median_delta_ratio") if run.records else None
         if run.metrics:
             task = run.metrics["task"]
             key, before = headline(run.metrics["eval_before"][task])
@@ -226,7 +238,6 @@ def write_report(run_dirs: list[str | Path], output: str | Path) -> Path:
             evals, loss = f"{key} {before:.3f} → {after:.3f}", f"{run.metrics['train_loss']:.4f}"
         else:
             task, evals, loss = "?", "(no metrics.json)", "?"
-        median_stop = last["summary"].get("median_stop_step")
         lines.append(f"| {run.label} | {task} | {evals} | {loss} | {stopped} | "
                      f"{median_stop if median_stop is not None else 'n/a'} | "
                      f"{f'{ratio:.3g}' if ratio else 'n/a'} |")
