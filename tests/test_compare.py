@@ -183,6 +183,24 @@ def test_sweep_reports_every_rate_over_the_tune_seeds_with_paired_differences(tm
     assert "lr_sweep.png" in plot(result, records, tmp_path / "plots")
 
 
+def test_every_stable_lora_run_reports_its_stops_per_module_type(tmp_path):
+    """Pooled stop figures hide a seed whose layers never stopped; results list every run's stops by module type."""
+    cfg = load_compare_config(_compare(tmp_path, sweep=True, tune_seeds=[0, 1], variants={}))
+    records = {}
+    for seed, stops in ((1, {"q_proj": [None, None], "v_proj": [30, None]}),
+                        (0, {"q_proj": [50, 70, 61], "v_proj": [20, 25]})):
+        r = _record(cfg, "stable-lora", 1e-4, seed, 0.5, 0.5, stops={"stop_steps_by_module": stops})
+        records[r["run_id"]] = r
+    r = _record(cfg, "adamw", 1e-4, 0, 0.5, 0.5)
+    records[r["run_id"]] = r
+    result = aggregate(cfg, records)
+    assert [(run["method"], run["seed"]) for run in result["stops_by_run"]] == [("stable-lora", 0), ("stable-lora", 1)]
+    text = to_markdown(result, "cmd")
+    assert "| method | setting | seed | role | steps trained | q_proj | v_proj | all |" in text
+    assert "| stable-lora | lr=1e-04 | 0 | tune | 2 | 3/3, 61 (50–70) | 2/2, 22.5 (20–25) | 5/5, 50 (20–70) |" in text
+    assert "| stable-lora | lr=1e-04 | 1 | tune | 2 | 0/2 | 1/2, 30 (30–30) | 1/4, 30 (30–30) |" in text
+
+
 def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
     cfg = load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False, variants={}))
     records = {}

@@ -63,6 +63,17 @@ def _stop_statistics(by_module: dict[str, list]) -> dict | None:
     return out
 
 
+def _stops_by_run(cfg: CompareConfig, records: dict[str, dict]) -> list[dict]:
+    """Each Stable-LoRA run's stops per module type, run by run (the reviewers' "how many steps until stable?"):
+    pooled figures hide a seed or a rate whose layers never stopped."""
+    order = [*cfg.methods, *cfg.variants]
+    runs = sorted((r for r in records.values() if (r.get("stable_lora") or {}).get("stop_steps_by_module")),
+                  key=lambda r: (order.index(r["method"]), r["setting"][LEARNING_RATE], r["setting_label"], r["seed"]))
+    return [{"run_id": r["run_id"], "method": r["method"], "setting": r["setting_label"], "seed": r["seed"],
+             "role": r["role"], "train_steps": r["train_steps"],
+             "stops": _stop_statistics(r["stable_lora"]["stop_steps_by_module"])} for r in runs]
+
+
 def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> dict:
     diverged = sorted(r["seed"] for r in runs if r.get("diverged"))
     runs = [r for r in runs if not r.get("diverged")]  # a diverged run has no score: it is counted, not averaged
@@ -168,4 +179,5 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
         "eval_before": any_record.get("eval_before"), "versions": any_record.get("versions"),
         "machine": any_record.get("machine"), "peak_memory_kind": any_record.get("peak_memory_kind"),
         "methods": methods, "variants": variants, "sweep": _sweep(cfg, records) if cfg.sweep else None,
+        "stops_by_run": _stops_by_run(cfg, records),
     }

@@ -118,6 +118,7 @@ def to_markdown(result: dict, command: str) -> str:
                 median = s["median_stop_step"] if s["median_stop_step"] is not None else "–"
                 lines.append(f"| {name} | {module} | {s['layer_runs']} | {median} | {span} | "
                              f"{s['never_stopped_fraction']:.0%} |")
+    lines += _stops_by_run_markdown(result["stops_by_run"])
     lines += ["", "## Tuning on validation", "", "| method | setting | validation mean (n) | chosen |", "|---|---|---|---|"]
     for name, m in result["methods"].items():
         for t in m["tuning"]:
@@ -144,6 +145,28 @@ def _stopped(entry: dict) -> str:
         return "–"
     median = stops["median_stop_step"]
     return f"{1 - stops['never_stopped_fraction']:.0%}" + (f" (median step {median:g})" if median is not None else "")
+
+
+def _stops_cell(s: dict) -> str:
+    stopped = round(s["layer_runs"] * (1 - s["never_stopped_fraction"]))
+    if not stopped:
+        return f"0/{s['layer_runs']}"
+    return f"{stopped}/{s['layer_runs']}, {s['median_stop_step']:g} ({s['min_stop_step']}–{s['max_stop_step']})"
+
+
+def _stops_by_run_markdown(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    modules = sorted({m for run in runs for m in run["stops"] if m != "all"}) + ["all"]
+    lines = ["", "## Stable-LoRA: stops in every run", "",
+             "Per module type: layers stopped of all, then the median stop step (first–last stopped).", "",
+             "| method | setting | seed | role | steps trained | " + " | ".join(modules) + " |",
+             "|---|---|---|---|---|" + "---|" * len(modules)]
+    for run in runs:
+        cells = [_stops_cell(run["stops"][m]) if m in run["stops"] else "–" for m in modules]
+        lines.append(f"| {run['method']} | {run['setting']} | {run['seed']} | {run['role']} | {run['train_steps']} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def _sweep_markdown(result: dict) -> list[str]:
