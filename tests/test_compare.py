@@ -368,6 +368,31 @@ def test_time_budget_starts_no_run_that_would_end_after_it(tmp_path):
     assert "INCOMPLETE" in (cfg.output_dir / "results.md").read_text()
 
 
+@pytest.mark.parametrize("recorded, here, budget, runs", [(600.0, 60.0, 12, 8), (60.0, 600.0, 16, 1)])
+def test_time_budget_expects_a_run_to_take_as_long_as_this_calls_runs(tmp_path, monkeypatch, recorded, here, budget,
+                                                                      runs):
+    """Records may come from another machine: once this call has finished a run, its own durations decide whether
+    the next run fits (a faster machine stopped a piece 20 min early; a slower one would overrun the budget)."""
+    import stablelora.benchmark.runner as runner
+
+    cfg = load_compare_config(_compare(tmp_path))
+    _store(cfg, [_record(cfg, method, 1e-4, 0, 0.5, 0.5, wall=recorded - 5) for method in ("adamw", "stable-lora")])
+    clock = [0.0]
+
+    def execute(cfg, run):  # a run that takes `here` seconds on this machine
+        clock[0] += here
+        record = _record(cfg, run.method, run.setting["training.learning_rate"], run.seed, 0.5, 0.5, role=run.role,
+                         wall=here - 5)
+        return {**record, "run_id": run.run_id, "setting": run.setting, "setting_label": setting_label(run.setting),
+                "overrides": run.overrides}
+
+    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    summary = run_grid(cfg, time_budget_minutes=budget, log=lambda line: None)
+    assert summary["ran"] == runs
+    assert clock[0] <= budget * 60  # no run ends after the budget
+
+
 def test_cli_dry_run_and_results_only(tmp_path, capsys):
     from stablelora.cli import main
 

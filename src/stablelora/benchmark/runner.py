@@ -83,9 +83,12 @@ def _fmt_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def _expected_seconds(run: PlannedRun, records: dict[str, dict]) -> float | None:
-    same = [r["run_seconds"] for r in records.values() if r["method"] == run.method]
-    every = [r["run_seconds"] for r in records.values()]
+def _expected_seconds(run: PlannedRun, records: dict[str, dict], finished_here: list[dict]) -> float | None:
+    """The median duration of like runs: those this call finished (this machine, this load) once there are any,
+    else the records, which may come from another machine; a run of the same method if there is one."""
+    pool = finished_here or list(records.values())
+    same = [r["run_seconds"] for r in pool if r["method"] == run.method]
+    every = [r["run_seconds"] for r in pool]
     return statistics.median(same or every) if every else None
 
 
@@ -97,7 +100,7 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
     records = load_records(cfg)
     total = cfg.total_runs()
     started = time.perf_counter()
-    ran: list[float] = []
+    ran: list[dict] = []  # the records this call made
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `timeout` and job schedulers send SIGTERM
     try:
         log(f"compare: {cfg.path} -> {cfg.output_dir} ({len(planned_records(cfg, records))} of {total} runs "
@@ -109,7 +112,7 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
                 break
             run = pending[0]
             elapsed = time.perf_counter() - started
-            expected = _expected_seconds(run, records)
+            expected = _expected_seconds(run, records, ran)
             if time_budget_minutes is not None and expected is not None and \
                     elapsed + expected > time_budget_minutes * 60:
                 log(f"time budget of {time_budget_minutes:g} min reached after {_fmt_duration(elapsed)}: the next run "
@@ -117,7 +120,7 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
                 break
             finished = len(named) - len(pending)
             position, remaining = finished + 1, total - finished
-            per_run = statistics.median(ran) if ran else expected
+            per_run = statistics.median([r["run_seconds"] for r in ran]) if ran else expected
             eta = f", ETA {_fmt_duration(per_run * remaining)} for {remaining} runs" if per_run else ""
             log(f"[{position}/{total}] {run.method} ({run.role}) {setting_label(run.setting)} seed {run.seed}: "
                 f"started, elapsed {_fmt_duration(elapsed)}{eta}")
@@ -125,7 +128,7 @@ def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, lo
             check_same_split(cfg, records, record)
             write_record(cfg, record)
             records[run.run_id] = record
-            ran.append(record["run_seconds"])
+            ran.append(record)
             if record.get("diverged"):
                 log(f"[{position}/{total}] DIVERGED by step {record['diverged']['step']} after "
                     f"{_fmt_duration(record['run_seconds'])}: recorded as a failed setting, not as a score")
