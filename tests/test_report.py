@@ -42,6 +42,14 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
         load_run(tmp_path)
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    for name in ("metrics.json", "stable_lora_status.json", "log_history.json", "config.yaml"):
+        run = tmp_path / name.replace(".", "-")
+        shutil.copytree(RUNS / "stable-lora", run)
+        (run / name).write_text('{"cut off": [1, 2')  # changed or cut by another tool
+        with pytest.raises(ReportError, match=f"{name} cannot be read .*leave that run out"):
+            load_run(run)
+        assert main(["report", str(run), "--output", str(tmp_path / "out")]) == 2
+        assert f"{name} cannot be read" in capsys.readouterr().err
 
 
 def test_a_run_without_monitor_data_is_reported_with_what_it_has(tmp_path):

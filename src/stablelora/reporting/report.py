@@ -58,6 +58,20 @@ def _label(path: Path, config: dict | None, metrics: dict | None) -> str:
     return method_name if path.name == method_name else f"{path.name}: {method_name}"
 
 
+def _read(path: Path, parse, missing):
+    """A run file, or ``missing`` where the run has none. stablelora writes each file whole, so one that does not parse
+    was changed or cut by something else: say which, rather than fail with a parser's traceback."""
+    if not path.exists():
+        return missing
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as err:
+        detail = (f"{err.problem}, line {err.problem_mark.line + 1}" if isinstance(err, yaml.MarkedYAMLError)
+                  else str(err).splitlines()[0])
+        raise ReportError(f"{path} cannot be read ({detail}); restore it from the run or leave that run out of the "
+                          "report.") from err
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -77,12 +91,10 @@ def load_run(path: str | Path) -> Run:
                     continue
                 raise ReportError(f"{monitor}:{n} is not valid JSON ({err.msg}).") from err
             by_step[record["step"]] = record  # a resumed run re-records steps after its checkpoint: keep the last
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
-    history_path = path / "log_history.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else []
-    status_path = path / "stable_lora_status.json"
-    final_stops = json.loads(status_path.read_text()) if status_path.exists() else None
+    metrics = _read(metrics_path, json.loads, None)
+    config = _read(config_path, yaml.safe_load, None)
+    history = _read(path / "log_history.json", json.loads, [])
+    final_stops = _read(path / "stable_lora_status.json", json.loads, None)
     return Run(path=path, label=_label(path, config, metrics), metrics=metrics,
                records=[by_step[s] for s in sorted(by_step)], log_history=history, final_stops=final_stops)
 
