@@ -45,9 +45,8 @@ class Run:
         of training where the run wrote one, else the monitor's last sample ([] for a run without either)."""
         if self.final_stops is not None:
             return (self.metrics or {}).get("train_steps"), self.final_stops["per_layer"]
-        if self.records and any("shrinking" in layer for layer in self.records[-1]["layers"]):
-            return self.records[-1]["step"], [layer for layer in self.records[-1]["layers"] if "shrinking" in layer]
-        return None, []
+        flagged = [layer for layer in self.records[-1]["layers"] if "shrinking" in layer] if self.records else []
+        return (self.records[-1]["step"] if flagged else None), flagged
 
 
 def _label(path: Path, config: dict | None, metrics: dict | None) -> str:
