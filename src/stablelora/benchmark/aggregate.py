@@ -57,7 +57,8 @@ def _stop_statistics(by_module: dict[str, list]) -> dict | None:
     out = {}
     for module, steps in {**by_module, "all": [s for v in by_module.values() for s in v]}.items():
         stopped = [s for s in steps if s is not None]
-        out[module] = {"layer_runs": len(steps), "never_stopped_fraction": 1 - len(stopped) / len(steps),
+        out[module] = {"layer_runs": len(steps), "stopped": len(stopped),
+                       "never_stopped_fraction": 1 - len(stopped) / len(steps),
                        "median_stop_step": statistics.median(stopped) if stopped else None,
                        "min_stop_step": min(stopped, default=None), "max_stop_step": max(stopped, default=None)}
     return out

@@ -148,10 +148,9 @@ def _stopped(entry: dict) -> str:
 
 
 def _stops_cell(s: dict) -> str:
-    stopped = round(s["layer_runs"] * (1 - s["never_stopped_fraction"]))
-    if not stopped:
+    if not s["stopped"]:
         return f"0/{s['layer_runs']}"
-    return f"{stopped}/{s['layer_runs']}, {s['median_stop_step']:g} ({s['min_stop_step']}–{s['max_stop_step']})"
+    return f"{s['stopped']}/{s['layer_runs']}, {s['median_stop_step']:g} ({s['min_stop_step']}–{s['max_stop_step']})"
 
 
 def _stops_by_run_markdown(runs: list[dict]) -> list[str]:
