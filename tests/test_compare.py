@@ -534,6 +534,31 @@ def test_a_diverged_run_is_recorded_as_diverged_and_never_chosen(tmp_path, tiny_
     assert "diverged on 1 seed(s)" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_an_ablation_is_paired_against_its_own_method(tmp_path, monkeypatch):
+    """What the stop rule is worth: the variant against its method on the same seeds, not only against AdamW."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_compare_config(_compare(tmp_path, seeds=[0, 1, 2, 3]))
+    rows = [(method, lr, 0, validation, 0.5) for method in ("adamw", "stable-lora")
+            for lr, validation in ((1e-4, 0.5), (1e-3, 0.6))]
+    rows += [("adamw", 1e-3, seed, None, 0.60) for seed in (1, 2, 3)]
+    rows += [("stable-lora", 1e-3, seed, None, test) for seed, test in ((1, 0.66), (2, 0.63), (3, 0.60))]
+    rows += [("no stop rule", 1e-3, seed, None, test) for seed, test in ((1, 0.62), (2, 0.60), (3, 0.58))]
+    records = {}
+    for method, lr, seed, validation, test in rows:
+        r = _record(cfg, method, lr, seed, validation, test, role="tune" if validation is not None else "seed")
+        records[r["run_id"]] = r
+    variant = aggregate(cfg, records)["variants"]["no stop rule"]
+    # against stable-lora: -0.04, -0.03, -0.02 (mean -0.03, sd 0.01); against adamw: +0.02, 0.00, -0.02
+    half = 4.303 * 0.01 / math.sqrt(3)
+    mine = variant["paired_vs_method"]
+    assert mine["mean"] == pytest.approx(-0.03) and mine["high"] == pytest.approx(-0.03 + half) and mine["n"] == 3
+    assert mine["positive_means"] == "better than stable-lora"
+    assert variant["paired_vs_baseline"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    text = to_markdown(aggregate(cfg, records), "cmd")
+    assert f"| -0.0300 [{-0.03 - half:+.4f}, {-0.03 + half:+.4f}] |" in text.split("| no stop rule |")[1]
+    assert "| Δ vs its method [95 % CI] |" in text
+
+
 def test_a_seed_that_diverged_at_the_chosen_setting_is_listed_not_averaged(tmp_path):
     cfg = load_compare_config(_compare(tmp_path, variants={}, seeds=[0, 1, 2, 3]))
     records = {}

@@ -4,7 +4,7 @@ Protocol, per method: the setting (learning rate and any tuned values) with the 
 tune seeds is chosen; the test metric at that setting is reported as mean ± sample std over the report seeds (those
 that did not choose it), next to the best seed (the paper's protocol), and as a paired difference against the
 baseline with a 95 % t-interval. Costs are means over the same runs, divided by the baseline's. Variants are reported
-at their method's chosen setting.
+at their method's chosen setting, with a second paired difference against their method.
 """
 
 from __future__ import annotations
@@ -75,6 +75,16 @@ def _stops_by_run(cfg: CompareConfig, records: dict[str, dict]) -> list[dict]:
              "stops": _stop_statistics(r["stable_lora"]["stop_steps_by_module"])} for r in runs]
 
 
+def _paired(cfg: CompareConfig, tests: dict[int, float], other: dict[int, float], positive_means: str) -> dict | None:
+    """The paired difference over the seeds both sides share, signed so that positive means better either way."""
+    if len(set(tests) & set(other)) < 2:
+        return None
+    diff = paired_difference(tests, other)
+    sign = 1 if cfg.higher_is_better else -1
+    low, high = sorted((sign * diff.low + 0.0, sign * diff.high + 0.0))  # + 0.0: no "-0.0000" for identical runs
+    return {"mean": sign * diff.mean + 0.0, "low": low, "high": high, "n": diff.n, "positive_means": positive_means}
+
+
 def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> dict:
     diverged = sorted(r["seed"] for r in runs if r.get("diverged"))
     runs = [r for r in runs if not r.get("diverged")]  # a diverged run has no score: it is counted, not averaged
@@ -84,13 +94,9 @@ def _entry(cfg: CompareConfig, runs: list[dict], baseline: dict[int, dict]) -> d
     entry = {"seeds": tests, "test": _summary(list(tests.values())), "paired_vs_baseline": None,
              "cost": {}, "cost_vs_baseline": {}, "stable_lora": _stop_statistics(stop_steps),
              "stop_steps_by_module": stop_steps, "other_metrics": {}, "diverged_seeds": diverged}
-    base_tests = {seed: r["test"] for seed, r in baseline.items()}
-    if runs and runs[0]["method"] != cfg.baseline and len(set(tests) & set(base_tests)) >= 2:
-        diff = paired_difference(tests, base_tests)
-        sign = 1 if cfg.higher_is_better else -1  # report "better than baseline" as positive either way
-        low, high = sorted((sign * diff.low, sign * diff.high))
-        entry["paired_vs_baseline"] = {"mean": sign * diff.mean, "low": low, "high": high, "n": diff.n,
-                                       "positive_means": "better than the baseline"}
+    if runs and runs[0]["method"] != cfg.baseline:
+        entry["paired_vs_baseline"] = _paired(cfg, tests, {seed: r["test"] for seed, r in baseline.items()},
+                                              "better than the baseline")
     for key in COSTS:
         values = [r[key] for r in runs if r.get(key) is not None]
         base_values = [r[key] for r in baseline.values() if r.get(key) is not None]
@@ -166,8 +172,12 @@ def aggregate(cfg: CompareConfig, records: dict[str, dict]) -> dict:
     for variant in cfg.variants.values():
         label = setting_label(chosen[variant.of]) if chosen[variant.of] else None
         runs = _final_records(cfg, records, variant.name, label) if label else []
+        entry = _entry(cfg, runs, baseline)
+        # an ablation asks what its change is worth to the method, on the same seeds
+        entry["paired_vs_method"] = _paired(cfg, entry["seeds"], methods[variant.of]["seeds"],
+                                            f"better than {variant.of}")
         variants[variant.name] = {"of": variant.of, "group": variant.group, "changes": variant.changes,
-                                  "setting": label, **_entry(cfg, runs, baseline)}
+                                  "setting": label, **entry}
     any_record = next(iter(records.values()), {})
     return {
         "config": str(cfg.path), "description": cfg.description,

@@ -19,8 +19,8 @@ def _ratio(entry: dict, key: str) -> str:
     return f"{ratio:.3f}×" if ratio is not None else "–"
 
 
-def _delta(entry: dict) -> str:
-    d = entry["paired_vs_baseline"]
+def _delta(entry: dict, key: str = "paired_vs_baseline") -> str:
+    d = entry.get(key)
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "–"
 
 
@@ -80,9 +80,12 @@ def to_markdown(result: dict, command: str) -> str:
         groups.setdefault(v["group"], []).append((name, v))
     for group, variants in groups.items():
         lines += ["", f"## {group}", "",
-                  "Each variant runs at the learning rate (and tuned values) chosen for its method, on the report seeds.", "",
-                  "| variant | of | changes | setting | test mean ± std | best of seeds | Δ vs baseline [95 % CI] |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Each variant runs at the learning rate (and tuned values) chosen for its method, on the report "
+                  "seeds. Δ vs its method is paired on those seeds; positive means the variant is better than its "
+                  "method.", "",
+                  "| variant | of | changes | setting | test mean ± std | best of seeds | Δ vs baseline [95 % CI] "
+                  "| Δ vs its method [95 % CI] |",
+                  "|---|---|---|---|---|---|---|---|"]
         shown = set()
         for name, v in variants:
             if v["of"] not in shown:
@@ -90,9 +93,10 @@ def to_markdown(result: dict, command: str) -> str:
                 m = result["methods"][v["of"]]
                 lines.append(f"| {v['of']} (the method itself) | | {_assignments(m['fixed'])} "
                              f"| {m['chosen'] or 'tuning'} | {_pm(m['test'])} | {_best(result, m['test'])} "
-                             f"| {_delta(m)} |")
+                             f"| {_delta(m)} | – |")
             lines.append(f"| {name} | {v['of']} | {_assignments(v['changes'])} | {v['setting'] or 'waiting'} "
-                         f"| {_pm(v['test'])}{_diverged(v)} | {_best(result, v['test'])} | {_delta(v)} |")
+                         f"| {_pm(v['test'])}{_diverged(v)} | {_best(result, v['test'])} | {_delta(v)} "
+                         f"| {_delta(v, 'paired_vs_method')} |")
     everything = {**result["methods"], **result["variants"]}
     lines += ["", f"## Cost relative to `{result['baseline']}` (means over the same runs)", "",
               "| method | train wall s | × | tokens/s | × | peak memory MiB | × | optimizer state MiB | × |",
