@@ -547,14 +547,15 @@ def test_an_ablation_is_paired_against_its_own_method(tmp_path, monkeypatch):
     for method, lr, seed, validation, test in rows:
         r = _record(cfg, method, lr, seed, validation, test, role="tune" if validation is not None else "seed")
         records[r["run_id"]] = r
-    variant = aggregate(cfg, records)["variants"]["no stop rule"]
+    result = aggregate(cfg, records)
+    variant = result["variants"]["no stop rule"]
     # against stable-lora: -0.04, -0.03, -0.02 (mean -0.03, sd 0.01); against adamw: +0.02, 0.00, -0.02
     half = 4.303 * 0.01 / math.sqrt(3)
     mine = variant["paired_vs_method"]
     assert mine["mean"] == pytest.approx(-0.03) and mine["high"] == pytest.approx(-0.03 + half) and mine["n"] == 3
     assert mine["positive_means"] == "better than stable-lora"
     assert variant["paired_vs_baseline"]["mean"] == pytest.approx(0.0, abs=1e-12)
-    text = to_markdown(aggregate(cfg, records), "cmd")
+    text = to_markdown(result, "cmd")
     assert f"| -0.0300 [{-0.03 - half:+.4f}, {-0.03 + half:+.4f}] |" in text.split("| no stop rule |")[1]
     assert "| Δ vs its method [95 % CI] |" in text
 

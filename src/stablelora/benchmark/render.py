@@ -20,7 +20,7 @@ def _ratio(entry: dict, key: str) -> str:
 
 
 def _delta(entry: dict, key: str = "paired_vs_baseline") -> str:
-    d = entry.get(key)
+    d = entry[key]
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "–"
 
 
