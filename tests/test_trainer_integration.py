@@ -153,13 +153,6 @@ def test_inits_that_change_the_base_save_as_a_plain_adapter_for_the_original_bas
     assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
 
 
-def test_deepspeed_is_refused_for_methods_that_pair_factors(tmp_path):
-    trainer = _trainer(tmp_path, tiny_llama_peft(), max_steps=1)
-    trainer.is_deepspeed_enabled = True  # as Trainer sets it when TrainingArguments.deepspeed is given
-    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO.*fsdp_version: 2"):
-        trainer.create_optimizer()
-
-
 def test_factory_in_plain_trainer_as_the_readme_shows(tmp_path):
     from transformers import Trainer
 

@@ -7,8 +7,8 @@
   The squared norms of the local shards are summed over the mesh dimensions that shard them (one all-reduce
   per bucket and step), sizes come from the global shapes, and the shrink multiplies the local shards. Since
   every rank then holds the same norms, every rank takes the same stop decisions.
-- FSDP1 without ``use_orig_params`` and DeepSpeed ZeRO flatten parameters, so no LoRA pair can be found by
-  module: refused with the alternative.
+- FSDP1 flattens parameters, so no LoRA pair can be found by module: refused with the alternative.
+- DeepSpeed ZeRO flattens them too, but keeps a per-parameter view of its fp32 masters: see ``zero.py``.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def refuse_flat_parameters(model: nn.Module) -> None:
 
 
 DEEPSPEED_MESSAGE = (
-    "Stable-LoRA does not support DeepSpeed ZeRO: ZeRO replaces each parameter group by one flat fp32 partition, "
-    "so the optimizer never sees a LoRA A or B, and shrinking the bf16 model copy would be overwritten by the "
-    "master weights. Shard with FSDP2 instead (Accelerate config with fsdp_version: 2; see configs/accelerate/)."
+    "ZeRO replaces each parameter group by one flat fp32 partition, so a method that pairs LoRA A with B inside "
+    "the optimizer never sees them. Use stable-lora or adamw (exact under ZeRO-1/2/3), or shard with FSDP2 "
+    "(Accelerate config with fsdp_version: 2; see configs/accelerate/)."
 )

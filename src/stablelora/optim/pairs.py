@@ -37,7 +37,8 @@ class LoraPair:
     """One LoRA layer of one adapter: ``W = W0 + s * B @ A`` with A of shape (r, in) and B of shape (out, r).
 
     For Conv LoRA the trailing kernel dimensions fold into ``in_features``/``out_features``; for Embedding LoRA
-    ``in_features`` is the vocabulary size. Sizes come from ``numel`` so they are global shapes under FSDP2.
+    ``in_features`` is the vocabulary size. Sizes are global: ``numel`` is the whole tensor's under FSDP2, and
+    DeepSpeed ZeRO-3, which empties a partitioned parameter, keeps its shape in ``ds_shape``.
     """
 
     module_name: str
@@ -47,20 +48,24 @@ class LoraPair:
 
     @property
     def rank(self) -> int:
-        return self.lora_A.shape[0]
+        return _global_shape(self.lora_A)[0]
 
     @property
     def in_features(self) -> int:
-        return self.lora_A.numel() // self.rank
+        return _global_shape(self.lora_A).numel() // self.rank
 
     @property
     def out_features(self) -> int:
-        return self.lora_B.numel() // self.rank
+        return _global_shape(self.lora_B).numel() // self.rank
 
     @property
     def name(self) -> str:
         """``module[adapter]``, the key used in status reports."""
         return f"{self.module_name}[{self.adapter}]"
+
+
+def _global_shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)
 
 
 def _factor_weights(module: nn.Module) -> dict[str, tuple[nn.Parameter | None, nn.Parameter | None]]:

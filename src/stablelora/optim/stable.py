@@ -20,6 +20,9 @@ How it stays exact where users train:
   Once every layer is dropped, ``step()`` is the base optimizer's step plus one attribute check.
 - The per-layer state (shrinking flag, number of steps taken while shrinking) is saved per A in
   ``state_dict()["state"]`` as tensors, so a layer that stopped stays stopped after a resume.
+- Under DeepSpeed ZeRO the optimizer steps flat fp32 partitions, and the model's LoRA tensors are overwritten from
+  them after each step: the shrink then scales each A's slice of the fp32 master (``zero.py``), once per engine
+  step, and the per-layer state is saved under ``state_dict()["stable_lora"]``.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from torch.optim import Optimizer
 from stablelora.optim.distributed import (check_replicas, global_norms, local_tensor, refuse_flat_parameters,
                                           shard_groups)
 from stablelora.optim.pairs import LoraPair, check_adapter_dtypes, find_lora_pairs
+from stablelora.optim.zero import data_parallel_group, master_slice, zero_stage
 
 SHRINKING_KEY = "stable_lora_shrinking"
 SHRINK_STEPS_KEY = "stable_lora_shrink_steps"
 _STATE_DTYPES = {SHRINKING_KEY: torch.bool, SHRINK_STEPS_KEY: torch.int64}
+ZERO_STATE_KEY = "stable_lora"  # under DeepSpeed ZeRO: every layer's status, in pair order
 
 
 @dataclass(frozen=True)
@@ -84,18 +89,17 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 class _Bucket:
     """The tracked layers that share device, dtype and sharding, with their state gathered into vectors."""
 
-    def __init__(self, layers: list[int], factors: list[tuple[torch.Tensor, torch.Tensor]],
-                 layer_state: list[dict[str, torch.Tensor]], keep_factors: list[float], stop_rule: bool):
+    def __init__(self, layers: list[int], lora_A: list[torch.Tensor], lora_B: list[torch.Tensor], ratio: list[float],
+                 groups: tuple, params_A: list[torch.Tensor], layer_state: list[dict[str, torch.Tensor]],
+                 keep_factors: list[float], stop_rule: bool):
         self.layers = layers  # indices into the optimizer's pair list
         self.stop_rule = stop_rule
-        self.groups = shard_groups(factors[0][0])
-        self.params_A = [a for a, _ in factors]  # the parameters themselves: their .grad says who steps
-        # local shards (the tensors themselves without FSDP2); shapes below are global (DTensor.numel())
-        self.lora_A = [local_tensor(a) for a, _ in factors]
-        self.lora_B = [local_tensor(b) for _, b in factors]
-        self.device, dtype = self.lora_A[0].device, self.lora_A[0].dtype
+        self.groups = groups  # the norms are summed over these process groups
+        self.params_A = params_A  # the parameters whose .grad says who steps (none to check under ZeRO)
+        self.lora_A, self.lora_B = lora_A, lora_B  # what is shrunk and measured: the local shards or slices
+        self.device, dtype = lora_A[0].device, lora_A[0].dtype
         # numel(A)/numel(B) = in/out, the reference's own form of the threshold, computed on the global shapes.
-        self.ratio = _on_device([a.numel() / b.numel() for a, b in factors], torch.float32, self.device)
+        self.ratio = _on_device(ratio, torch.float32, self.device)
         # 1 - shrink_ratio is formed in double on the host and rounded once, as `A.mul_(1 - shrink_ratio)` does.
         self.keep = _on_device(keep_factors, dtype, self.device)
         states = [layer_state[i] for i in layers]
@@ -192,6 +196,7 @@ class StableLoRAOptimizerMixin:
         self._buckets: list[_Bucket] | None = None  # built on the first step, from the parameters stepped then
         self._bound: list[tuple[torch.Tensor, torch.Tensor]] = []  # (A, B) of each shrinking layer, as bound
         self._steps_shrunk = 0  # steps that ran the shrink: the clock of the host's checks
+        self._zero_stepped: set[tuple] = set()  # under ZeRO: the (sub-)groups stepped since the last shrink
 
     @staticmethod
     def _fresh_layer_state(lora_A: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,13 +253,45 @@ class StableLoRAOptimizerMixin:
             key = (local_tensor(a).device, a.dtype, tuple(id(g) for g in groups))
             by_key.setdefault(key, []).append(layer)
         factors = dict(zip(self._shrinking_layers, live))
-        self._buckets = [
-            _Bucket(layers, [factors[i] for i in layers], self._layer_state,
-                    [1.0 - ratios[self._slots[i][0][0]] for i in layers], self.defaults["stop_rule"])
-            for layers in by_key.values()
-        ]
+        self._buckets = []
+        for layers in by_key.values():
+            a, b = [factors[i][0] for i in layers], [factors[i][1] for i in layers]
+            self._buckets.append(_Bucket(
+                layers, [local_tensor(t) for t in a], [local_tensor(t) for t in b],
+                [x.numel() / y.numel() for x, y in zip(a, b)], shard_groups(a[0]), a, self._layer_state,
+                [1.0 - ratios[self._slots[i][0][0]] for i in layers], self.defaults["stop_rule"]))
         self._bound = live
         self._bucket_ratios = ratios
+
+    def _bind_zero_masters(self) -> None:
+        """Under DeepSpeed ZeRO: one bucket over this rank's slices of the fp32 masters of the shrinking layers."""
+        if self._buckets is not None:
+            return
+        pairs = [self._lora_pairs[i] for i in self._shrinking_layers]
+        slices = [(master_slice(p.lora_A), master_slice(p.lora_B)) for p in pairs]
+        device = next((t.device for pair in slices for t in pair if t.numel()), slices[0][0].device)
+        slices = [tuple(t if t.numel() else t.to(device) for t in pair) for pair in slices]
+        ratio = self.defaults["shrink_ratio"]
+        if any(g.get("shrink_ratio", ratio) != ratio for g in self.param_groups):
+            raise ValueError("Stable-LoRA under DeepSpeed ZeRO takes one shrink_ratio for all layers (ZeRO flattens "
+                             "the parameter groups); remove the per-group \"shrink_ratio\" entries.")
+        self._buckets = [_Bucket(
+            list(self._shrinking_layers), [a for a, _ in slices], [b for _, b in slices],
+            [p.in_features / p.out_features for p in pairs], (data_parallel_group(pairs[0].lora_A),), [],
+            self._layer_state, [1.0 - ratio] * len(pairs), self.defaults["stop_rule"])]
+
+    def _under_zero(self) -> bool:
+        return zero_stage(self._lora_pairs[0].lora_A) is not None
+
+    def _zero_engine_step_starts(self) -> bool:
+        """ZeRO calls step() once per (sub-)group of an engine step: the first call of a new engine step is the
+        one whose parameters were already stepped since the last shrink (or the very first call)."""
+        key = tuple(id(p) for group in self.param_groups for p in group["params"])
+        if key in self._zero_stepped or not self._zero_stepped:
+            self._zero_stepped = {key}
+            return True
+        self._zero_stepped.add(key)
+        return False
 
     def _acting_mask(self, bucket: _Bucket) -> torch.Tensor | None:
         """Which of the bucket's layers the base step updates: not on a skipped (inf/NaN) step, not without a
@@ -281,17 +318,20 @@ class StableLoRAOptimizerMixin:
             self._shrinking_layers = [i for i in self._shrinking_layers if i not in stopped]
             self._buckets = None
             if self._shrinking_layers:
-                self._bind()
+                self._bind_zero_masters() if self._under_zero() else self._bind()
         for bucket in self._buckets or []:
             bucket.post_mask()
 
     @torch.no_grad()
     def shrink_lora_A(self) -> None:
         """The Stable-LoRA half of a step; ``step()`` calls it before the base update."""
-        self._bind()
-        if [g["shrink_ratio"] for g in self.param_groups] != self._bucket_ratios:  # changed since the last step
-            self._buckets = None
+        if self._under_zero():
+            self._bind_zero_masters()
+        else:
             self._bind()
+            if [g["shrink_ratio"] for g in self.param_groups] != self._bucket_ratios:  # changed since the last step
+                self._buckets = None
+                self._bind()
         for bucket in self._buckets:
             bucket.shrink(self._acting_mask(bucket))
         self._drop_stopped_layers()
@@ -311,7 +351,8 @@ class StableLoRAOptimizerMixin:
             # at the unshrunk A; evaluating it here keeps that order for every base optimizer.
             with torch.enable_grad():
                 loss = closure()
-        if self._shrinking_layers and not self._is_state_initialisation_step():
+        if self._shrinking_layers and not self._is_state_initialisation_step() and \
+                (not self._under_zero() or self._zero_engine_step_starts()):
             self.shrink_lora_A()
         base_step = self._base_optimizer_cls.step
         # Call the base step unwrapped so step hooks (profiling, user pre/post hooks) run once, not twice.
@@ -328,6 +369,12 @@ class StableLoRAOptimizerMixin:
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
+        if self._under_zero():
+            # ZeRO's param_groups hold flat partitions, not A's: the layers' status goes under a key of its own,
+            # which DeepSpeed saves and loads with the rest of this dict
+            return {**state_dict, ZERO_STATE_KEY: {
+                "layers": [pair.name for pair in self._lora_pairs],
+                **{key: torch.stack([s[key] for s in self._layer_state]).cpu() for key in _STATE_DTYPES}}}
         packed = dict(state_dict["state"])
         for layer, index in enumerate(self._index_of_A()):
             # A new dict: the base's entry is the live self.state[A], which must not gain our keys.
@@ -335,6 +382,9 @@ class StableLoRAOptimizerMixin:
         return {**state_dict, "state": packed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if ZERO_STATE_KEY in state_dict:
+            self._load_zero_state_dict(state_dict)
+            return
         # torch would cast these to the parameter dtype (bool flags to floats, step counts fp16-rounded), and an
         # entry holding only them would hide a missing base state, so take them out before the base loads.
         ours: dict[Any, dict[str, torch.Tensor]] = {}
@@ -370,6 +420,22 @@ class StableLoRAOptimizerMixin:
         self._buckets = None
         self._steps_shrunk = 0
 
+    def _load_zero_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict[ZERO_STATE_KEY]
+        names = [pair.name for pair in self._lora_pairs]
+        if saved["layers"] != names:
+            raise ValueError(f"The loaded optimizer state is for {len(saved['layers'])} LoRA layer(s) "
+                             f"({saved['layers'][:2]}...), this model has {len(names)} ({names[:2]}...): load a "
+                             "checkpoint of the same model and adapter.")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != ZERO_STATE_KEY})
+        device = master_slice(self._lora_pairs[0].lora_A).device
+        self._layer_state = [{key: saved[key][i].to(device=device, dtype=dtype).clone()
+                              for key, dtype in _STATE_DTYPES.items()} for i in range(len(names))]
+        self._shrinking_layers = [i for i, s in enumerate(self._layer_state) if bool(s[SHRINKING_KEY])]
+        self._buckets = None
+        self._steps_shrunk = 0
+        self._zero_stepped = set()
+
     def stable_lora_status(self) -> list[LayerStatus]:
         """Per-layer status, for logs and diagnostics. Reads device values, so it syncs: call it at log time."""
         return [
@@ -378,6 +444,11 @@ class StableLoRAOptimizerMixin:
                         shrink_steps=int(state[SHRINK_STEPS_KEY]))
             for pair, state in zip(self._lora_pairs, self._layer_state)
         ]
+
+    def shrink_has_run(self) -> bool:
+        """Whether the Stable-LoRA half of a step has run since the optimizer was built or loaded (or nothing is
+        left to shrink): what StableLoRAGuard checks after the first step."""
+        return self._steps_shrunk > 0 or not self._shrinking_layers
 
     @property
     def lora_pairs(self) -> list[LoraPair]:

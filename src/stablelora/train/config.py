@@ -275,6 +275,29 @@ def check_quantization(model, method, training) -> None:
                           "'stablelora[qlora]' (or bitsandbytes>=0.50).") from err
 
 
+def check_deepspeed(method, training) -> None:
+    """What `stablelora train` runs under DeepSpeed: ZeRO-1/2 with a method that steps the fp32 masters."""
+    hf_config = getattr(training, "hf_deepspeed_config", None)
+    if hf_config is None:
+        return
+    if method.optimizer in ("lora-rite", "riemannian"):
+        raise ConfigError(f"method.optimizer={method.optimizer} with training.deepspeed: this method pairs LoRA A "
+                          "with B inside the optimizer, and ZeRO hands it flat partitions instead. Use stable-lora or "
+                          "adamw under DeepSpeed, or shard with FSDP2 (training.fsdp).")
+    if hf_config.is_zero3():
+        raise ConfigError("training.deepspeed with zero_optimization.stage 3: `stablelora train` evaluates and "
+                          "monitors the model's own LoRA weights, which ZeRO-3 partitions away. Use stage 1 or 2 "
+                          "here (LoRA weights are small; ZeRO-2 already shards their optimizer state), or ZeRO-3 "
+                          "from your own Trainer with stablelora.train.guard.use_stable_lora.")
+    if method.optimizer == "stable-lora":
+        from stablelora.optim.zero import check_zero_config
+
+        try:
+            check_zero_config(hf_config.config)
+        except ValueError as err:
+            raise ConfigError(f"training.deepspeed: {err}") from None
+
+
 def check_values(built: dict[str, Any]) -> None:
     """Everything that can be checked before a model is loaded: ranges, the dataset name, the model directory.
     A compare config builds every planned run, so this also checks a whole grid before its first run."""
@@ -296,6 +319,7 @@ def check_values(built: dict[str, Any]) -> None:
     _require(data.validation_size >= 0, "data.validation_size", data.validation_size, "must be >= 0 (0: none)")
     _require(data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples",
              data.max_train_examples, "must be >= 1, or left out for all")
+    check_deepspeed(method, training)
     _require(training.max_steps != 0 and training.max_steps >= -1, "training.max_steps", training.max_steps,
              "must be > 0, or -1 to train for num_train_epochs")
     _require(training.max_steps > 0 or training.num_train_epochs > 0, "training.num_train_epochs",

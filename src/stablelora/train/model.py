@@ -13,6 +13,7 @@ from stablelora.assets.tasks import CLASSIFICATION, TaskData
 from stablelora.fileio import atomic_directory
 from stablelora.methods import lora_config_kwargs
 from stablelora.optim.distributed import full_tensor, local_tensor
+from stablelora.optim.zero import zero_stage
 from stablelora.train.config import RunConfig
 from stablelora.train.errors import RunError
 
@@ -111,9 +112,13 @@ def build_peft_model(cfg: RunConfig, kind: str, task: TaskData, model_dir: Path,
 
 
 def gather_trainable(model) -> dict[str, torch.Tensor] | None:
-    """The trainable weights as whole CPU tensors when FSDP2 shards them (a collective: call it on every rank),
-    else None (nothing to gather)."""
+    """The trainable weights as whole CPU tensors when FSDP2 shards them, or as ZeRO's fp32 masters (the model's
+    own copies may be bf16) under DeepSpeed: a collective, so call it on every rank. None: nothing to gather."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params and zero_stage(params[0][1]) is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).cpu() for n, p in params}
     if all(local_tensor(p) is p for _, p in params):  # no DTensor: the model's own weights are whole
         return None
     return {n: full_tensor(p).cpu() for n, p in params}

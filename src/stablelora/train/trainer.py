@@ -1,8 +1,8 @@
 """HF Trainer integration: the optimizer is built in ``create_optimizer`` from the method registry.
 
 Building it there (not passing ``optimizers=(opt, None)``) means it is created from the model Trainer actually
-trains, after Accelerate has wrapped it for DDP/FSDP; passing a pre-built optimizer is refused by Trainer under
-FSDP/DeepSpeed. ``StableLoRATrainerMixin`` works with any Trainer subclass, e.g. TRL's ``SFTTrainer``:
+trains, after Accelerate has wrapped it for DDP/FSDP; Trainer refuses a pre-built optimizer under FSDP and silently
+replaces it under DeepSpeed (which ``StableLoRAGuard``, installed for stable-lora, turns into an error). ``StableLoRATrainerMixin`` works with any Trainer subclass, e.g. TRL's ``SFTTrainer``:
 
     class MySFTTrainer(StableLoRATrainerMixin, SFTTrainer): ...
     trainer = MySFTTrainer(model=..., args=..., method=MethodArguments(optimizer="stable-lora"), ...)
@@ -18,11 +18,13 @@ from transformers import Trainer, TrainerCallback
 
 from stablelora.methods import MethodArguments, build_optimizer
 from stablelora.optim.distributed import DEEPSPEED_MESSAGE, all_ranks_min, local_tensor
+from stablelora.optim.zero import check_zero_config
+from stablelora.train.guard import StableLoRAGuard, deepspeed_config_of, wrapped_chain
 
 
 def unwrap_optimizer(optimizer):
-    """The optimizer itself, from inside Accelerate's AcceleratedOptimizer wrapper if there is one."""
-    return getattr(optimizer, "optimizer", optimizer)
+    """The optimizer itself, from inside Accelerate's wrapper (and DeepSpeed's ZeRO optimizer) if there are any."""
+    return wrapped_chain(optimizer)[-1]
 
 
 class StableLoRATrainerMixin:
@@ -31,11 +33,15 @@ class StableLoRATrainerMixin:
     def __init__(self, *args: Any, method: MethodArguments | None = None, **kwargs: Any):
         self.method = method or MethodArguments()
         super().__init__(*args, **kwargs)
+        if self.method.optimizer == "stable-lora":
+            self.add_callback(StableLoRAGuard())
 
     def create_optimizer(self, model=None):  # noqa: D401 - Trainer API
-        if self.optimizer is None and getattr(self, "is_deepspeed_enabled", False) and \
-                self.method.optimizer in ("stable-lora", "lora-rite"):
-            raise ValueError(f"method.optimizer={self.method.optimizer}: {DEEPSPEED_MESSAGE}")
+        config = deepspeed_config_of(self.args)
+        if config is not None and self.method.optimizer in ("lora-rite", "riemannian"):
+            raise ValueError(f"method.optimizer={self.method.optimizer} under DeepSpeed ZeRO: {DEEPSPEED_MESSAGE}")
+        if config is not None and self.method.optimizer == "stable-lora":
+            check_zero_config(config)  # before DeepSpeed can replace the optimizer (its second call sees that)
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay_names = set(self.get_decay_parameter_names(opt_model))
