@@ -122,7 +122,8 @@ def refusal_worker(rank: int, world: int, port: int, out: str) -> None:
     from tiny import tiny_llama_peft, token_items
 
     _distributed_cpu_state(rank, world, port, deepspeed=True)
-    optimizer_block = {**zero_config(2), "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    # torch's AdamW: DeepSpeed's own would JIT-compile its fused_adam op (minutes on these CPUs)
+    optimizer_block = {**zero_config(2), "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}
     offload = zero_config(2, offload_optimizer={"device": "cpu"})
     round_robin = zero_config(2, round_robin_gradients=True)
 

@@ -107,6 +107,11 @@ def test_numbers_are_read_however_a_person_writes_them(tmp_path):
     ("data.eval_size=-5", "data.eval_size=-5: must be >= 1"),
     ("data.eval_size=0", "data.eval_size=0: must be >= 1"),
     ("training.max_steps=0", "training.max_steps=0: must be > 0, or -1"),
+    ("training.learning_rate=0", "training.learning_rate=0.0: must be a number > 0"),
+    ("training.learning_rate=-1e-4", "training.learning_rate=-0.0001: must be a number > 0"),
+    ("training.weight_decay=-1", "training.weight_decay=-1.0: must be >= 0"),
+    ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size=0: must be >= 1"),
+    ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps=0: must be >= 1"),
     ("data.dataset=openbookq", "unknown dataset. Did you mean 'openbookqa'"),
     ("data.dataset=jsonl", "data.train_file=None: data.dataset=jsonl needs an existing JSONL file"),
     ("model.name_or_path=/no/such/dir", "neither a local model directory nor a named offline model"),
@@ -155,3 +160,21 @@ def test_stable_lora_with_nonzero_B_init_warns_once_per_run():
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.01}]
         build_optimizer(model, cfg.method, torch.optim.AdamW, {"lr": 1e-2}, groups, 0.01)
     assert sum("B starts non-zero" in str(w.message) for w in caught) == 1
+
+
+def test_a_key_given_twice_is_refused_with_file_and_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second training: section dropped the first whole (the learning
+    rate fell back to Trainer's default), and a repeated method name in a compare config trained the wrong one."""
+    from stablelora.benchmark.grid import CompareError, load_compare_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("training:\n  learning_rate: 1.0e-3\ndata:\n  dataset: piqa\ntraining:\n  max_steps: 2\n")
+    with pytest.raises(ConfigError, match=rf"(?s)the key 'training' is given twice \(first on line 1\).*"
+                                          rf'in "{config}", line 5'):
+        load_config(str(config))
+    grid = tmp_path / "compare.yaml"
+    grid.write_text("base_config: run.yaml\nlearning_rates: [1.0e-4]\nseeds: [0]\nmethods:\n"
+                    "  adamw: {set: {method.optimizer: adamw}}\n"
+                    "  adamw: {set: {method.optimizer: stable-lora}}\n")
+    with pytest.raises(CompareError, match=rf"(?s)the key 'adamw' is given twice \(first on line 5\).*line 6"):
+        load_compare_config(grid)

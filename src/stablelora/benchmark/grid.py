@@ -191,7 +191,7 @@ def _read_compare_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in chain:
         raise CompareError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))}).")
     try:
-        data = load_yaml(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as err:
         raise CompareError(f"Compare config '{path}' is not valid YAML: {err}") from err
     if not isinstance(data, dict):

@@ -28,7 +28,7 @@ from stablelora.benchmark.grid import (CompareConfig, CompareError, PlannedRun, 
 from stablelora.benchmark.records import (check_same_split, load_records, make_diverged_record, make_record,
                                           write_record)
 from stablelora.benchmark.render import write_results
-from stablelora.fileio import write_atomic
+from stablelora.fileio import claimed_directory, made_by_stablelora, mark_made_by_stablelora, write_atomic
 
 
 def _die_with_parent() -> None:
@@ -42,9 +42,13 @@ def _die_with_parent() -> None:
 def execute(cfg: CompareConfig, run: PlannedRun) -> dict:
     """Train one run in a subprocess and return its record (written by the caller)."""
     run_dir = cfg.runs_dir / run.run_id
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a run killed in flight: start it over
+    if run_dir.exists():  # a run killed in flight: start it over, if it is one (compare wrote grid_config.yaml)
+        if not (made_by_stablelora(run_dir) or (run_dir / "grid_config.yaml").exists()):
+            raise CompareError(f"{run_dir} holds files that compare did not write; it would delete them to start "
+                               f"run {run.run_id} there. Move them away, or use another --output-dir.")
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+    mark_made_by_stablelora(run_dir)
     config_path = run_dir / "grid_config.yaml"
     write_atomic(config_path, yaml.safe_dump(merged_config(cfg.base_config, run.overrides), sort_keys=False))
     shared_before = cfg.output_dir / "eval_before.json"
@@ -93,10 +97,16 @@ def _expected_seconds(run: PlannedRun, records: dict[str, dict], finished_here: 
 
 
 def run_grid(cfg: CompareConfig, *, time_budget_minutes: float | None = None, log=print) -> dict:
-    """Run every pending run (or as many as fit the time budget) and keep the results current.
+    """Run every pending run (or as many as fit the time budget) and keep the results current; one compare at a
+    time per output directory (a second one would restart the first's run in flight).
 
     Returns {"done": runs finished in total, "total": runs in the grid, "ran": runs finished by this call}.
     """
+    with claimed_directory(cfg.output_dir, "compare directory", only_ours=False):
+        return _run_grid(cfg, time_budget_minutes, log)
+
+
+def _run_grid(cfg: CompareConfig, time_budget_minutes: float | None, log) -> dict:
     records = load_records(cfg)
     total = cfg.total_runs()
     started = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import re
 import types
 import typing
@@ -27,7 +28,22 @@ class ConfigError(ValueError):
 
 class _Yaml12Loader(yaml.SafeLoader):
     """YAML with 1.2 booleans and numbers: only true/false are booleans, so `save_strategy: no` stays the string
-    'no'; every way a person writes a float is a float (PyYAML's YAML 1.1 reads `2e-4` and `1E3` as strings)."""
+    'no'; every way a person writes a float is a float (PyYAML's YAML 1.1 reads `2e-4` and `1E3` as strings).
+    A key given twice in one mapping is an error: PyYAML keeps the last silently (a second `training:` section
+    would drop the first whole)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key_node.value!r} is given twice (first on line "
+                    f"{first_line[key_node.value]}); the second would silently replace the first. Keep one.",
+                    key_node.start_mark)
+            first_line[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -42,9 +58,11 @@ _Yaml12Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(text: str):
-    """YAML 1.2 numbers (2e-4 is a float), for run and compare configs alike."""
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+def load_yaml(text: str, name: str = "<override>"):
+    """YAML 1.2 numbers (2e-4 is a float), for run and compare configs alike; errors name ``name`` and the line."""
+    stream = io.StringIO(text)
+    stream.name = name
+    return yaml.load(stream, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -186,7 +204,7 @@ def read_config_file(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"Config file '{path}' does not exist. Examples are in configs/.")
     try:
-        loaded = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
     if not isinstance(loaded, dict):
@@ -319,6 +337,12 @@ def check_values(built: dict[str, Any]) -> None:
     _require(data.validation_size >= 0, "data.validation_size", data.validation_size, "must be >= 0 (0: none)")
     _require(data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples",
              data.max_train_examples, "must be >= 1, or left out for all")
+    lr = training.learning_rate
+    _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "training.learning_rate", lr,
+             "must be a number > 0, e.g. 2e-4")
+    _require(training.weight_decay >= 0, "training.weight_decay", training.weight_decay, "must be >= 0")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        _require(getattr(training, key) >= 1, f"training.{key}", getattr(training, key), "must be >= 1")
     check_deepspeed(method, training)
     _require(training.max_steps != 0 and training.max_steps >= -1, "training.max_steps", training.max_steps,
              "must be > 0, or -1 to train for num_train_epochs")

@@ -14,6 +14,7 @@ Every file is written to a temporary name and renamed, so a killed run never lea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import yaml
 from stablelora.assets.models import model_kind, resolve_model
 from stablelora.assets.tasks import TaskData
 from stablelora.diagnostics.monitor import StabilityMonitor, module_type
-from stablelora.fileio import write_atomic, write_json
+from stablelora.fileio import claimed_directory, write_atomic, write_json
 from stablelora.methods import ADAPTER_OPTIONS
 from stablelora.train.checkpoints import (check_checkpoint, check_resumable, latest_checkpoint, reached_last_step,
                                           restore_finished_training, train_loss)
@@ -95,7 +96,8 @@ RUN_FILES = ("config.yaml", "eval_before.json", "metrics.json", "diverged.json",
 
 
 def remove_failed_start(run_dir: Path) -> None:
-    """A new run where an earlier one failed before its first checkpoint: its files must not mix with this run's."""
+    """A new run where an earlier one failed before its first checkpoint: its files must not mix with this run's.
+    Only called on a directory stablelora made (``claimed_directory(only_ours=True)``), and only on its own names."""
     for name in RUN_FILES:
         path = run_dir / name
         if path.is_dir():
@@ -238,6 +240,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, eval_before: dict | No
     Under torchrun / accelerate launch every rank runs this function; only the main process writes files.
     """
     main_process = int(os.environ.get("RANK", "0")) == 0
+    with claimed_directory(cfg.run_dir, "run directory", only_ours=not resume) if main_process else contextlib.nullcontext():
+        return _run_training(cfg, resume, eval_before, main_process)
+
+
+def _run_training(cfg: RunConfig, resume: bool, eval_before: dict | None, main_process: bool) -> dict:
     resume_from = open_run_directory(cfg, resume, main_process)
     run = load_run(cfg, main_process)
     eval_before = evaluate_before(cfg, run, eval_before, resume, main_process)
