@@ -191,6 +191,7 @@ def test_resume_with_a_changed_setting_is_refused_naming_it(tmp_path, capsys):
 def test_a_failed_start_leaves_nothing_the_next_run_reuses(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    (run / ".stablelora").touch()  # what a stablelora run leaves first, so its failed start is known as one
     (run / "eval_before.json").write_text('{"another-task": {"accuracy": 0.9, "examples": 60}}')
     (run / "monitor.jsonl").write_text('{"step": 99}\n')
     assert _run(tmp_path, "run", "monitor.every=2") == 0
