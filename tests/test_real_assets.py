@@ -41,6 +41,7 @@ def test_cli_run_and_resume_end_bit_identical_on_minilm(tmp_path):
 def test_cli_refuses_to_overwrite_a_run_and_reports_config_errors(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run / ".stablelora").touch()  # a stablelora run's directory
     assert _cli("train", "configs/minilm_privacyqa.yaml", "--output-dir", str(run)) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert _cli("train", "configs/minilm_privacyqa.yaml", "model.name_or_path=/no/such/model",
