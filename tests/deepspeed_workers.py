@@ -53,7 +53,7 @@ def trainer_worker(rank: int, world: int, port: int, out: str, config: dict | No
 
     from stablelora.optim.zero import master_slice
     from stablelora.train.data import CausalCollator, ListDataset
-    from stablelora.train.guard import use_stable_lora
+    from stablelora.train.guard import use_stable_lora, wrapped_chain
     from tiny import tiny_llama_peft, token_items
 
     _distributed_cpu_state(rank, world, port, deepspeed=config is not None)
@@ -86,16 +86,11 @@ def trainer_worker(rank: int, world: int, port: int, out: str, config: dict | No
               "slices": {n: master_slice(p).numel() if zero else p.numel()
                          for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n},
               "model_dtype": str(next(p for p in model.parameters() if p.requires_grad).dtype),
-              "wrapped": [type(o).__name__ for o in _chain(trainer.optimizer)]}
+              "wrapped": [type(o).__name__ for o in wrapped_chain(trainer.optimizer)]}
     torch.save(result, f"{out}.rank{rank}")
     torch.distributed.destroy_process_group()
 
 
-def _chain(optimizer) -> list:
-    chain = [optimizer]
-    while hasattr(chain[-1], "optimizer"):
-        chain.append(chain[-1].optimizer)
-    return chain
 
 
 def _refusal(scenario) -> str:
