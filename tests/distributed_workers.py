@@ -224,6 +224,36 @@ def trainer_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @spawned
+def fsdp2_pairing_method_worker(rank: int, world: int, port: int, out: str, method: str) -> None:
+    """StableLoRATrainer with a method that pairs A with B at build time, under Accelerate FSDP2."""
+    from transformers import TrainingArguments
+
+    from stablelora.methods import MethodArguments
+    from stablelora.train.data import CausalCollator, ListDataset
+    from stablelora.train.trainer import StableLoRATrainer
+    from tiny import token_items
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _let_accelerate_use_fsdp_on_cpu()
+    args = TrainingArguments(output_dir=f"{out}.trainer", max_steps=2, per_device_train_batch_size=2, learning_rate=LR,
+                             use_cpu=True, report_to="none", remove_unused_columns=False, disable_tqdm=True,
+                             save_strategy="no", ddp_timeout=int(COLLECTIVE_TIMEOUT.total_seconds()),
+                             fsdp="full_shard", fsdp_config={"version": 2,
+                                                             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    trainer = StableLoRATrainer(model=tiny_llama_peft(), args=args, train_dataset=ListDataset(token_items(8)),
+                                data_collator=CausalCollator(0), method=MethodArguments(optimizer=method))
+    try:
+        trainer.train()
+        outcome = "trained"
+    except ValueError as err:
+        outcome = str(err)
+    if rank == 0:
+        torch.save(outcome, out)
+    dist.destroy_process_group()
+
+
+@spawned
 def stablelora_train_fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
     """``stablelora train``'s run_training on the demo's real model, sharded by Accelerate FSDP2."""
     from stablelora.train.config import load_config

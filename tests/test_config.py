@@ -178,3 +178,18 @@ def test_a_key_given_twice_is_refused_with_file_and_line(tmp_path):
                     "  adamw: {set: {method.optimizer: stable-lora}}\n")
     with pytest.raises(CompareError, match=rf"(?s)the key 'adamw' is given twice \(first on line 5\).*line 6"):
         load_compare_config(grid)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.optim=sgd"], "method.optimizer=adamw with training.optim=sgd: this method is LoRA on AdamW"),
+    (["method.optimizer=lora-rite", "training.optim=sgd"], "LoRA-RITE is an optimizer of its own and would ignore"),
+    (["method.optimizer=riemannian", "training.fsdp=full_shard"], "FSDP2 swaps both for shards afterwards"),
+])
+def test_a_base_optimizer_or_sharding_that_would_change_what_the_method_is_is_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides, output_dir=str(tmp_path / "r"))
+
+
+def test_a_method_that_wraps_any_base_optimizer_keeps_the_one_asked_for(tmp_path):
+    cfg = load_config(None, ["method.optimizer=stable-lora", "training.optim=sgd"], output_dir=str(tmp_path / "r"))
+    assert str(getattr(cfg.training.optim, "value", cfg.training.optim)) == "sgd"

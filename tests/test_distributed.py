@@ -129,6 +129,15 @@ def test_trainer_with_the_factory_under_accelerate_fsdp2_matches_one_process(tmp
 
 
 @pytest.mark.slow
+def test_riemannian_under_accelerate_fsdp2_is_refused_before_it_trains_as_adamw(tmp_path):
+    """PEFT's Riemannian optimizer captures (A, B) when built; FSDP2 then swaps both for shards, and the captured
+    tensors never get a gradient: it would train as plain AdamW. StableLoRATrainer refuses it."""
+    out = tmp_path / "riemannian"
+    run_ranks(w.fsdp2_pairing_method_worker, str(out), "riemannian")
+    assert "method.optimizer=riemannian under FSDP" in torch.load(out, weights_only=True)
+
+
+@pytest.mark.slow
 def test_stablelora_train_under_accelerate_fsdp2_saves_a_whole_adapter(tmp_path):
     """The run writes its adapter from every rank's shards (a rank-0 save_pretrained of DTensors crashed)."""
     import json

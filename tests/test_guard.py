@@ -119,3 +119,20 @@ def test_the_guard_stops_a_run_in_which_the_shrink_never_ran():
     guard.on_step_end(None, None, None, optimizer=_Skipped(optimizer, True))  # an overflow step: wait
     with pytest.raises(RuntimeError, match="its shrink did not run in the first optimizer step"):
         guard.on_step_end(None, None, None, optimizer=_Skipped(optimizer, False))  # stepped around it
+
+
+def test_use_stable_lora_refuses_unsloths_embedding_learning_rate(tmp_path):
+    """UnslothTrainer builds its own optimizer whenever its arguments' embedding_learning_rate is set (unsloth needs
+    a GPU to import, so its arguments class is mirrored: a TrainingArguments with that one field)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class UnslothLikeArguments(TrainingArguments):
+        embedding_learning_rate: float | None = None
+
+    args = UnslothLikeArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                embedding_learning_rate=5e-6)
+    trainer = Trainer(model=tiny_llama_peft(), args=args, train_dataset=ListDataset(token_items(4)),
+                      data_collator=CausalCollator(0))
+    with pytest.raises(ValueError, match="embedding_learning_rate is set, and with it unsloth's UnslothTrainer"):
+        use_stable_lora(trainer)

@@ -316,6 +316,24 @@ def check_deepspeed(method, training) -> None:
             raise ConfigError(f"training.deepspeed: {err}") from None
 
 
+def check_base_optimizer(method, training) -> None:
+    """The records name the method; refuse a base optimizer that would contradict that name."""
+    optim = str(getattr(training.optim, "value", training.optim))
+    if "adamw" not in optim and method.optimizer in ("adamw", "adamw-wd-a"):
+        raise ConfigError(f"method.optimizer={method.optimizer} with training.optim={optim}: this method is LoRA on "
+                          f"AdamW, so every record and table would call a {optim} run {method.optimizer}. Use an "
+                          "AdamW training.optim (adamw_torch, the default; adamw_torch_fused, ...), or a method that "
+                          "wraps any base optimizer (stable-lora, lora+, riemannian).")
+    if "adamw" not in optim and method.optimizer == "lora-rite":
+        raise ConfigError(f"method.optimizer=lora-rite with training.optim={optim}: LoRA-RITE is an optimizer of its "
+                          "own and would ignore training.optim. Leave training.optim at its default.")
+    if training.fsdp and method.optimizer in ("lora-rite", "riemannian"):
+        raise ConfigError(f"method.optimizer={method.optimizer} with training.fsdp: this method pairs each LoRA A "
+                          "with its B when it is built, and FSDP2 swaps both for shards afterwards, so the pairs "
+                          "would never get a gradient and the run would be plain AdamW. Train it unsharded (one "
+                          "process or DDP), or use stable-lora or adamw under FSDP2.")
+
+
 def check_values(built: dict[str, Any]) -> None:
     """Everything that can be checked before a model is loaded: ranges, the dataset name, the model directory.
     A compare config builds every planned run, so this also checks a whole grid before its first run."""
@@ -344,6 +362,7 @@ def check_values(built: dict[str, Any]) -> None:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         _require(getattr(training, key) >= 1, f"training.{key}", getattr(training, key), "must be >= 1")
     check_deepspeed(method, training)
+    check_base_optimizer(method, training)
     _require(training.max_steps != 0 and training.max_steps >= -1, "training.max_steps", training.max_steps,
              "must be > 0, or -1 to train for num_train_epochs")
     _require(training.max_steps > 0 or training.num_train_epochs > 0, "training.num_train_epochs",

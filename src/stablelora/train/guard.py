@@ -5,7 +5,8 @@ DeepSpeed ``"optimizer"`` block, ``offload_optimizer``'s swap to DeepSpeedCPUAda
 ``deepspeed_init`` drops). ``StableLoRAGuard`` checks the outcome instead of each path: when training begins, the
 optimizer Trainer steps must be a Stable-LoRA optimizer (through any wrappers), and by the end of the first step
 that was not skipped, its shrink must have run. ``use_stable_lora(trainer)`` installs it with the factory, built
-from the trainer's own ``TrainingArguments``; the ``StableLoRATrainerMixin`` installs it too.
+from the trainer's own ``TrainingArguments``; the ``StableLoRATrainerMixin`` and the ms-swift and axolotl plug-ins
+install it through ``guard_stable_lora``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ class StableLoRAGuard(TrainerCallback):
                 "step). Training would be plain LoRA; stopping.")
 
 
+def guard_stable_lora(trainer: Trainer) -> None:
+    """Refuse now the DeepSpeed settings under which Stable-LoRA would be replaced, and add the guard (once) that
+    stops the run if anything else replaces it."""
+    config = deepspeed_config_of(trainer.args)
+    if config is not None:
+        check_zero_config(config)
+    if not any(isinstance(callback, StableLoRAGuard) for callback in trainer.callback_handler.callbacks):
+        trainer.add_callback(StableLoRAGuard())
+
+
 def use_stable_lora(trainer: Trainer, *, shrink_ratio: float = 5e-4, stop_rule: bool = True) -> Trainer:
     """Make ``trainer`` train with Stable-LoRA over the optimizer its ``TrainingArguments`` ask for.
 
@@ -87,11 +98,12 @@ def use_stable_lora(trainer: Trainer, *, shrink_ratio: float = 5e-4, stop_rule: 
         raise ValueError(f"use_stable_lora: this Trainer already has optimizer_cls_and_kwargs (optimizer "
                          f"{getattr(chosen, '__name__', chosen)!r}, set by you or a framework); replacing it would "
                          "silently drop that choice. Remove it and set the base optimizer in TrainingArguments.optim.")
-    config = deepspeed_config_of(trainer.args)
-    if config is not None:
-        check_zero_config(config)
+    if getattr(trainer.args, "embedding_learning_rate", None) is not None:
+        raise ValueError("use_stable_lora: embedding_learning_rate is set, and with it unsloth's UnslothTrainer builds "
+                         "its own optimizer and never calls optimizer_cls_and_kwargs: Stable-LoRA would not train. "
+                         "Unset embedding_learning_rate (the embeddings then train at learning_rate).")
+    guard_stable_lora(trainer)
     kwargs = factory_kwargs_from_training_args(trainer.args, trainer.model)
     trainer.optimizer_cls_and_kwargs = (StableLoRAOptimizerFactory,
                                         {**kwargs, "shrink_ratio": shrink_ratio, "stop_rule": stop_rule})
-    trainer.add_callback(StableLoRAGuard())
     return trainer

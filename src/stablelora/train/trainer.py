@@ -2,7 +2,8 @@
 
 Building it there (not passing ``optimizers=(opt, None)``) means it is created from the model Trainer actually
 trains, after Accelerate has wrapped it for DDP/FSDP; Trainer refuses a pre-built optimizer under FSDP and silently
-replaces it under DeepSpeed (which ``StableLoRAGuard``, installed for stable-lora, turns into an error). ``StableLoRATrainerMixin`` works with any Trainer subclass, e.g. TRL's ``SFTTrainer``:
+replaces it under DeepSpeed (which ``StableLoRAGuard``, installed for stable-lora, turns into an error).
+``StableLoRATrainerMixin`` works with any Trainer subclass, e.g. TRL's ``SFTTrainer``:
 
     class MySFTTrainer(StableLoRATrainerMixin, SFTTrainer): ...
     trainer = MySFTTrainer(model=..., args=..., method=MethodArguments(optimizer="stable-lora"), ...)
@@ -18,8 +19,7 @@ from transformers import Trainer, TrainerCallback
 
 from stablelora.methods import MethodArguments, build_optimizer
 from stablelora.optim.distributed import DEEPSPEED_MESSAGE, all_ranks_min, local_tensor
-from stablelora.optim.zero import check_zero_config
-from stablelora.train.guard import StableLoRAGuard, deepspeed_config_of, wrapped_chain
+from stablelora.train.guard import deepspeed_config_of, guard_stable_lora, wrapped_chain
 
 
 def unwrap_optimizer(optimizer):
@@ -34,14 +34,17 @@ class StableLoRATrainerMixin:
         self.method = method or MethodArguments()
         super().__init__(*args, **kwargs)
         if self.method.optimizer == "stable-lora":
-            self.add_callback(StableLoRAGuard())
+            guard_stable_lora(self)
 
     def create_optimizer(self, model=None):  # noqa: D401 - Trainer API
         config = deepspeed_config_of(self.args)
         if config is not None and self.method.optimizer in ("lora-rite", "riemannian"):
             raise ValueError(f"method.optimizer={self.method.optimizer} under DeepSpeed ZeRO: {DEEPSPEED_MESSAGE}")
-        if config is not None and self.method.optimizer == "stable-lora":
-            check_zero_config(config)  # before DeepSpeed can replace the optimizer (its second call sees that)
+        if self.is_fsdp_enabled and self.method.optimizer in ("lora-rite", "riemannian"):
+            raise ValueError(f"method.optimizer={self.method.optimizer} under FSDP: it pairs each LoRA A with its B "
+                             "when it is built, and FSDP2 swaps both for shards afterwards, so the pairs would never "
+                             "get a gradient (plain AdamW). Train it unsharded (one process or DDP), or use "
+                             "stable-lora or adamw under FSDP2.")
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay_names = set(self.get_decay_parameter_names(opt_model))
