@@ -243,3 +243,36 @@ def test_unknown_target_modules_are_refused_before_the_model_loads(tmp_path, cap
     assert _run(tmp_path, "run", "lora.target_modules=[q_proj,v_proj]") == 2
     err = capsys.readouterr().err
     assert "lora.target_modules: ['q_proj', 'v_proj'] not found in bert" in err and "'query'" in err
+
+
+def test_peft_all_linear_targets_every_linear_layer_but_the_head(tmp_path):
+    assert _run(tmp_path, "run", "lora.target_modules=all-linear", "training.max_steps=1",
+                "training.save_steps=1") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 1
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    layers = {k.split(".lora_A")[0] for k in adapter if ".lora_A" in k}
+    # query, key, value, attention output, intermediate and output in each of 6 layers (+ the pooler); no head
+    assert len(layers) >= 6 * 6 and not any("classifier" in name for name in layers)
+
+
+def test_demo_steps_zero_and_compare_time_budget_zero_are_refused(tmp_path, capsys):
+    assert _cli("demo", "--steps", "0", "--output-dir", str(tmp_path / "demo")) == 2
+    assert "training.max_steps=0: must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo" / "adamw" / "metrics.json").exists()
+    with pytest.raises(SystemExit) as stopped:
+        _cli("compare", "configs/compare/methods.yaml", "--time-budget", "0")
+    assert stopped.value.code == 2
+    assert "give the minutes as a number > 0" in capsys.readouterr().err
+
+
+def test_a_run_says_in_its_own_words_that_the_task_head_is_new_and_keeps_library_notices_out(tmp_path, capfd):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _run(tmp_path, "run", "training.max_steps=1", "training.save_steps=1") == 0
+    out, err = capfd.readouterr()
+    assert out.count("New for this task, from random weights, trained with the adapter: classifier") == 1
+    assert "LOAD REPORT" not in out + err and "Loading weights" not in err
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

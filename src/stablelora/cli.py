@@ -17,6 +17,16 @@ def _offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the minutes as a number > 0, e.g. --time-budget 90")
+    return minutes
+
+
 def _train(args) -> int:
     from stablelora.eval import headline
     from stablelora.train.config import load_config
@@ -122,8 +132,17 @@ _INTERRUPTED = {
 }
 
 
+def _quiet_library_notices() -> None:
+    """Deprecation notices addressed to library authors (transformers 5 about an attribute PEFT and Trainer read),
+    not to someone running a job."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     _offline_env()
+    _quiet_library_notices()
     parser = argparse.ArgumentParser(prog="stablelora", description="Stable LoRA fine-tuning, offline.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -149,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                              "results.md/json and plots")
     compare.add_argument("config", help="compare YAML (see configs/compare/)")
     compare.add_argument("--output-dir", help="results directory (default: the config's output_dir)")
-    compare.add_argument("--time-budget", type=float, metavar="MINUTES",
+    compare.add_argument("--time-budget", type=_positive_minutes, metavar="MINUTES",
                          help="start no run that would end after this many minutes; run again to continue")
     compare.add_argument("--dry-run", action="store_true", help="list the runs, done and to do, and exit")
     compare.add_argument("--results-only", action="store_true", help="rewrite results from the records, run nothing")

@@ -31,6 +31,8 @@ def lora_config(cfg: RunConfig, kind: str, family: str):
 
     lora = cfg.lora
     targets = lora.target_modules or (["q_proj", "v_proj"] if kind == CAUSAL else ["query", "value"])
+    if targets in ("all-linear", ["all-linear"]):
+        targets = "all-linear"  # PEFT's own rule: every linear layer but the output head
     extra: dict[str, Any] = {}
     if kind == CAUSAL:
         extra["task_type"] = TaskType.CAUSAL_LM
@@ -46,12 +48,15 @@ def check_targets(cfg: RunConfig, kind: str, family: str, model_dir: Path) -> No
     """Refuse target modules the model does not have, from its architecture alone (no weights loaded)."""
     from transformers import AutoConfig
 
+    targets = lora_config(cfg, kind, family).target_modules
+    if isinstance(targets, str):  # "all-linear": PEFT finds the layers itself
+        return
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         skeleton = model_class(kind, family).from_config(config)
     names = [name for name, _ in skeleton.named_modules()]
     # PEFT's rule for a list of names: a module matches when its name is the target or ends in ".target"
-    missing = sorted(t for t in lora_config(cfg, kind, family).target_modules
+    missing = sorted(t for t in targets
                      if not any(n == t or n.endswith(f".{t}") for n in names))
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
@@ -60,13 +65,33 @@ def check_targets(cfg: RunConfig, kind: str, family: str, model_dir: Path) -> No
                        f"({cfg.model.name_or_path}). Its linear layers are: {linear}.")
 
 
+def _from_pretrained(cls, model_dir: Path, **kwargs):
+    """Load without transformers' LOAD REPORT table and progress bar, then say in one line what starts fresh."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(model_dir, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    fresh = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    if fresh:
+        print(f"New for this task, from random weights, trained with the adapter: {', '.join(fresh)} (the rest of "
+              f"the model is pretrained).", flush=True)
+    return model
+
+
 def load_base_model(cfg: RunConfig, kind: str, task: TaskData, model_dir: Path):
     """The pretrained model in fp32, or 4-/8-bit prepared for QLoRA (model.quantization)."""
     extra = {"num_labels": task.num_labels or 2} if kind == ENCODER and task.family == CLASSIFICATION else {}
     cls = model_class(kind, task.family)
     quantization = cfg.model.quantization
     if quantization is None:
-        return cls.from_pretrained(model_dir, dtype=torch.float32, **extra)
+        return _from_pretrained(cls, model_dir, dtype=torch.float32, **extra)
     from bitsandbytes.nn import Linear4bit
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -75,7 +100,7 @@ def load_base_model(cfg: RunConfig, kind: str, task: TaskData, model_dir: Path):
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=compute) if quantization == "4bit" else \
         BitsAndBytesConfig(load_in_8bit=True)
-    model = cls.from_pretrained(model_dir, dtype=torch.float32, quantization_config=bnb, **extra)
+    model = _from_pretrained(cls, model_dir, dtype=torch.float32, quantization_config=bnb, **extra)
     for module in model.modules():
         # On an AVX512-BF16 CPU, bitsandbytes repacks a 4-bit weight for inference at the first no-grad
         # forward (our evaluation before training) and keeps that layout, whose kernel has no backward: every
