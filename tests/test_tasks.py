@@ -126,6 +126,10 @@ def test_validation_is_carved_from_train_and_the_eval_split_ignores_the_training
     ("classification", [{"text": "x", "label": 0}, {"text": "y", "label": 1}, {"text": "z", "label": 5}],
      r"labels must be 0 to K-1 with every class present; found \[0, 1, 5\]"),
     ("generation", [{"prompt": 3, "completion": "4"}], r"\['prompt'\] must be text"),
+    ("classification", [{"text": "x", "text_pair": 7, "label": 0}], r"b.jsonl:1: \['text_pair'\] must be text"),
+    ("multiple_choice", [{"question": "q", "choices": ["a", "b"], "label": 0},
+                         {"question": "r", "choices": ["a", "b", "c"], "label": 0}],
+     "b.jsonl:2: 3 choices, but line 1 has 2; every question of a multiple-choice file needs the same number"),
 ])
 def test_jsonl_rows_with_bad_labels_or_types_are_refused_with_their_line(tmp_path, family, rows, message):
     good = {"multiple_choice": {"question": "e", "choices": ["a", "b"], "label": 0},

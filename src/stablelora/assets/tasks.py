@@ -208,13 +208,15 @@ def _check_row_types(row: dict, family: str, where: str) -> None:
         raise ValueError(f"{where}: 'label' must be >= 0, got {label}.")
     texts = {GENERATION: ("prompt", "completion"), MULTIPLE_CHOICE: ("question",), CLASSIFICATION: ("text",)}[family]
     bad = [k for k in texts if not isinstance(row[k], str)]
+    optional = {MULTIPLE_CHOICE: ("context",), CLASSIFICATION: ("text_pair",), GENERATION: ("answer",)}[family]
+    bad += [k for k in optional if row.get(k) is not None and not isinstance(row[k], str)]
     if bad:
         raise ValueError(f"{where}: {bad} must be text (a JSON string).")
 
 
 def _read_jsonl(path: str, family: str) -> list[dict]:
     required = JSONL_FIELDS[family]
-    rows = []
+    rows, choice_counts = [], {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -228,6 +230,13 @@ def _read_jsonl(path: str, family: str) -> list[dict]:
                 raise ValueError(f"{path}:{number}: missing field(s) {missing}; a '{family}' JSONL row needs "
                                  f"{list(required)} (see README, 'Your own data').")
             _check_row_types(row, family, f"{path}:{number}")
+            if family == MULTIPLE_CHOICE:
+                choice_counts.setdefault(len(row["choices"]), number)
+                if len(choice_counts) > 1:
+                    (count, first), (other, here) = choice_counts.items()
+                    raise ValueError(f"{path}:{here}: {other} choices, but line {first} has {count}; every "
+                                     "question of a multiple-choice file needs the same number of choices (they "
+                                     "are scored side by side in one batch).")
             row.setdefault("context", "")
             row.setdefault("text_pair", None)
             if family == GENERATION:
