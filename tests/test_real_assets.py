@@ -276,3 +276,20 @@ def test_a_run_says_in_its_own_words_that_the_task_head_is_new_and_keeps_library
     assert out.count("New for this task, from random weights, trained with the adapter: classifier") == 1
     assert "LOAD REPORT" not in out + err and "Loading weights" not in err
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_an_eval_before_of_another_task_or_eval_size_is_refused_before_training(tmp_path, capsys):
+    runs = []
+    for name, given in (("other_size", {"privacyqa": {"accuracy": 0.5, "examples": 12}}),
+                        ("other_task", {"boolq": {"accuracy": 0.5, "examples": 16}}),
+                        ("same", {"privacyqa": {"accuracy": 0.5, "majority": 0.5, "examples": 16}})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(given))
+        runs.append(_run(tmp_path, name, "--eval-before", str(path)))
+    err = capsys.readouterr().err
+    assert runs == [2, 2, 0]
+    assert "is not an evaluation of this run's eval sets: it holds {'privacyqa': 12}" in err
+    assert "it holds {'boolq': 16}" in err and "this run evaluates {'privacyqa': 16}" in err
+    assert not (tmp_path / "other_size" / "checkpoints").exists()
+    metrics = json.loads((tmp_path / "same" / "metrics.json").read_text())
+    assert metrics["eval_before"]["privacyqa"]["accuracy"] == 0.5

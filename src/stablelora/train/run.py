@@ -27,8 +27,8 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from stablelora.assets.models import model_kind, resolve_model
-from stablelora.assets.tasks import TaskData
+from stablelora.assets.models import ENCODER, model_kind, resolve_model
+from stablelora.assets.tasks import GENERATION, TaskData
 from stablelora.diagnostics.monitor import StabilityMonitor, module_type
 from stablelora.fileio import claimed_directory, write_atomic, write_json
 from stablelora.methods import ADAPTER_OPTIONS
@@ -170,9 +170,25 @@ def load_run(cfg: RunConfig, main_process: bool) -> LoadedRun:
     return LoadedRun(task, kind, tokenizer, items, collate, model, init_dir)
 
 
+def check_given_evaluation(given: dict, run: LoadedRun, source: str) -> None:
+    """An evaluation made elsewhere (--eval-before) must be of this task's eval sets, at their sizes: one of another
+    task would fail after training, one of another eval size would be compared with scores of other examples."""
+    task = run.task
+    extra = task.extra_eval if run.kind != ENCODER and task.family == GENERATION else {}
+    expected = {task.name: len(task.eval), **{name: len(split) for name, split in extra.items()}}
+    found = {name: result.get("examples") if isinstance(result, dict) else None for name, result in given.items()} \
+        if isinstance(given, dict) else {}
+    if found != expected:
+        raise RunError(f"{source} is not an evaluation of this run's eval sets: it holds {found or given!r} "
+                       f"(eval set: examples), this run evaluates {expected}. Give the eval_before.json of a run of "
+                       "the same model, task and data settings, or leave --eval-before out to evaluate here.")
+
+
 def evaluate_before(cfg: RunConfig, run: LoadedRun, given: dict | None, resume: bool, main_process: bool) -> dict:
     """The evaluation of the untrained adapter: given (compare shares one), kept from the interrupted run, or made."""
     path = cfg.run_dir / "eval_before.json"
+    if given is not None:
+        check_given_evaluation(given, run, "--eval-before")
     result = given
     if result is None and resume and path.exists():
         result = json.loads(path.read_text())
