@@ -7,6 +7,9 @@
 #   scripts/check_wheel.sh ms-swift   # ms-swift 4.6.0 with the stack it resolves: core tests + its plug-in test
 #   scripts/check_wheel.sh axolotl    # axolotl 0.21.0 (Python >= 3.12: set PYTHON) likewise
 #   scripts/check_wheel.sh llamafactory  # LLaMA-Factory 0.9.5 (its v1 trainer) likewise
+# A framework's stack includes deepspeed (the lock's release): its plug-in test also trains through that framework's
+# own DeepSpeed option and checks a refusal. DeepSpeed's JIT-built comm op is kept in $TORCH_EXTENSIONS_DIR
+# (default: beside the venv), so a rerun does not build it again.
 # The log goes to benchmarks/results/wheel_check/<mode>.log; benchmarks/results/wheel_check.md keeps the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +52,9 @@ echo "# scripts/check_wheel.sh $mode   ($(date -u +%F), $(uname -m), $("$python"
 "$python" -m venv "$work/venv"
 pip=("$work/venv/bin/python" -m pip --disable-pip-version-check)
 
+if [ -n "$integration" ]; then  # DeepSpeed users' stack: the release the lock holds
+  stack+=("$(grep -E '^deepspeed==' constraints.txt)")
+fi
 echo "## the user's stack: ${stack[*]}"
 "${pip[@]}" install --quiet "${stack[@]}" pytest pytest-timeout
 "${pip[@]}" freeze > "$work/before.txt"
@@ -69,7 +75,7 @@ def installed(name):
         return version(name)
     except PackageNotFoundError:
         return None
-names = ["torch", "peft", "transformers", "accelerate", "trl", "ms-swift", "axolotl", "llamafactory"]
+names = ["torch", "peft", "transformers", "accelerate", "trl", "deepspeed", "ms-swift", "axolotl", "llamafactory"]
 print(", ".join(f"{name} {installed(name)}" for name in names if installed(name)))
 print(f"stablelora {stablelora.__version__} from {stablelora.__file__}")
 assert "site-packages" in stablelora.__file__, "the tests must run against the installed wheel, not src/"
@@ -79,6 +85,7 @@ EOF
 echo "## core tests"
 "$work/venv/bin/pytest" -m core -q -p no:cacheprovider tests
 if [ -n "$integration" ]; then
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${CHECK_WHEEL_DIR:-/tmp/stablelora_wheel_check}/torch_extensions_$mode}"
   echo "## $mode plug-in test"
   "$work/venv/bin/pytest" -m integration -k "$integration" -q -p no:cacheprovider tests/test_integrations.py
 fi

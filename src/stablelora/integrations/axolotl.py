@@ -3,12 +3,16 @@
     plugins:
       - stablelora.integrations.axolotl.StableLoRAPlugin
     stable_lora_shrink_ratio: 0.0005   # λ (default 5e-4)
-    stable_lora_stop_rule: true        # stop shrinking a layer for good once ‖A‖/in <= ‖B‖/out (default true)
+    stable_lora_stop_rule: true        # stop shrinking a layer for good once ‖A‖/in < ‖B‖/out (default true)
 
 axolotl's ``create_optimizer`` plugin hook is never called (axolotl #2576), so the plugin installs the optimizer in
-``post_trainer_create``, which is: it sets the trainer's ``optimizer_cls_and_kwargs`` to a factory, and axolotl's
-trainer builds the optimizer from it where it would build its own. The base optimizer, learning rate, betas, eps and
-weight decay are axolotl's own settings (``optimizer: adamw_torch``, ``learning_rate``, ...).
+``post_trainer_create``: it sets the trainer's ``optimizer_cls_and_kwargs`` to a factory, which axolotl's trainer
+calls as ``factory()(model, training_args, **kwargs)`` where it would build its own optimizer. The base optimizer is
+axolotl's own choice (``optimizer:``, ``learning_rate``, betas, eps, ``weight_decay``, ``optim_args``): one that
+transformers builds (``adamw_torch``, ``sgd``, ...), or one of axolotl's own optimizer classes (``adopt_adamw``,
+``came_pytorch``, ``optimi_adamw``, ...), which Stable-LoRA wraps. axolotl's optimizers that come from a factory of
+their own (``muon``, ``dion``) are refused. Under ``deepspeed:`` Stable-LoRA shrinks DeepSpeed's fp32 masters, and
+the settings that would replace it (an ``"optimizer"`` block, ``offload_optimizer``) are refused before training.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pydantic import BaseModel, Field
 from torch import nn
 from torch.optim import Optimizer
 
-from stablelora.optim.factory import create_from_training_args
+from stablelora.optim.factory import PARAMETER_REWRITING_KEYS, StableLoRAOptimizerFactory, create_from_training_args
+from stablelora.train.guard import guard_stable_lora
 
 
 class StableLoRAArgs(BaseModel):
@@ -30,11 +35,35 @@ class StableLoRAArgs(BaseModel):
     stable_lora_stop_rule: bool = True
 
 
-class _FromTrainingArgs:
-    """axolotl calls an optimizer factory as ``factory()(model, training_args, **kwargs)``."""
+class _StableLoRAOverAxolotlsChoice:
+    """axolotl calls an optimizer factory as ``factory()(model, training_args, **kwargs)``. ``base`` is the optimizer
+    class and kwargs axolotl chose itself, if it did; otherwise the base is what ``training_args`` ask for."""
 
-    def __call__(self, model: nn.Module, training_args: Any, *, shrink_ratio: float, stop_rule: bool) -> Optimizer:
-        return create_from_training_args(model, training_args, shrink_ratio=shrink_ratio, stop_rule=stop_rule)
+    def __call__(self, model: nn.Module, training_args: Any, *, base: dict[str, Any] | None, shrink_ratio: float,
+                 stop_rule: bool) -> Optimizer:
+        if base is None:
+            return create_from_training_args(model, training_args, shrink_ratio=shrink_ratio, stop_rule=stop_rule)
+        return StableLoRAOptimizerFactory()(model, shrink_ratio=shrink_ratio, stop_rule=stop_rule, **base)
+
+
+def _axolotls_optimizer(cfg, trainer) -> dict[str, Any] | None:
+    """The optimizer class and kwargs axolotl set for its own optimizers (None when transformers builds it)."""
+    if trainer.optimizer_cls_and_kwargs is None:
+        return None
+    optimizer_cls, kwargs = trainer.optimizer_cls_and_kwargs
+    if any(key in kwargs for key in PARAMETER_REWRITING_KEYS):
+        raise ValueError(f"StableLoRAPlugin cannot wrap optimizer: {cfg.optimizer}: it builds its own parameter "
+                         "groups, which would replace the LoRA factors Stable-LoRA shrinks. Choose an optimizer that "
+                         "steps the model's parameters (adamw_torch, adopt_adamw, came_pytorch, ...).")
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+        raise ValueError(f"StableLoRAPlugin cannot wrap optimizer: {cfg.optimizer}: axolotl builds it with a factory "
+                         f"of its own ({getattr(optimizer_cls, '__name__', optimizer_cls)}), not an optimizer class, "
+                         "so Stable-LoRA would replace it. Choose an optimizer class (adamw_torch, adopt_adamw, "
+                         "came_pytorch, ...) or remove the plugin.")
+    if "lr" not in kwargs:
+        raise ValueError(f"StableLoRAPlugin: axolotl gave optimizer: {cfg.optimizer} no learning rate; set "
+                         "learning_rate.")
+    return {"optimizer_cls": optimizer_cls, **kwargs}
 
 
 class StableLoRAPlugin(BasePlugin):
@@ -49,5 +78,7 @@ class StableLoRAPlugin(BasePlugin):
             if cfg.get(setting) is not None:
                 raise ValueError(f"StableLoRAPlugin cannot be combined with {setting}: axolotl would build the "
                                  f"Stable-LoRA optimizer and silently drop {setting}. Remove {setting} or the plugin.")
-        trainer.optimizer_cls_and_kwargs = (_FromTrainingArgs, {"shrink_ratio": cfg.stable_lora_shrink_ratio,
-                                                                "stop_rule": cfg.stable_lora_stop_rule})
+        base = _axolotls_optimizer(cfg, trainer)
+        guard_stable_lora(trainer)
+        trainer.optimizer_cls_and_kwargs = (_StableLoRAOverAxolotlsChoice, {
+            "base": base, "shrink_ratio": cfg.stable_lora_shrink_ratio, "stop_rule": cfg.stable_lora_stop_rule})

@@ -13,6 +13,9 @@ v1 launcher after that; use it where you would use ``llamafactory-cli`` (``torch
       shrink_ratio: 5.0e-4   # λ
       weight_decay: 0.0      # and any keyword of the base optimizer (default torch.optim.AdamW): betas, eps, ...
 
+Under v1's ``dist_config: {name: deepspeed, config_file: ...}`` the optimizer is built after Accelerate has taken the
+DeepSpeed config, and goes through Accelerate's DeepSpeed path (ZeRO shrinks the fp32 masters); the factory refuses
+the settings that would replace it there (``offload_optimizer``, ``round_robin_gradients``) when it builds.
 LLaMA-Factory's classic trainer (without ``USE_V1=1``) hard-codes its optimizer choices and has no such registry.
 """
 

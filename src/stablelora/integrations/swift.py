@@ -8,7 +8,10 @@ ms-swift builds its optimizer through ``optimizers_map[args.optimizer](args, tra
     register(shrink_ratio=5e-4)      # adds --optimizer stable_lora
 
 The base optimizer, learning rate, betas, eps and weight decay come from swift's own arguments (``--optim``,
-``--learning_rate``, ...), exactly as for its default optimizer; the learning-rate schedule is swift's.
+``--learning_rate``, ...), exactly as for its default optimizer; the learning-rate schedule is swift's. Under
+``--deepspeed`` (ZeRO-1/2/3) Stable-LoRA shrinks DeepSpeed's fp32 masters; the DeepSpeed settings that would
+replace it (an ``"optimizer"`` block, ``offload_optimizer`` as in swift's ``zero2_offload``) are refused when the
+trainer is built, and ``StableLoRAGuard`` stops a run in which anything else replaced it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from torch.optim import Optimizer
 
 from stablelora.optim.factory import create_from_training_args
+from stablelora.optim.zero import check_zero_config
+from stablelora.train.guard import deepspeed_config_of, guard_stable_lora
 
 
 def register(name: str = "stable_lora", *, shrink_ratio: float = 5e-4, stop_rule: bool = True) -> None:
@@ -23,7 +28,14 @@ def register(name: str = "stable_lora", *, shrink_ratio: float = 5e-4, stop_rule
     from swift.optimizers import OptimizerCallback, optimizers_map
 
     class StableLoRAOptimizerCallback(OptimizerCallback):
+        def __init__(self, args, trainer):
+            super().__init__(args, trainer)
+            config = deepspeed_config_of(args)
+            if config is not None:  # now: with a DeepSpeed "optimizer" block, create_optimizer is never called
+                check_zero_config(config)
+
         def create_optimizer(self, model=None) -> Optimizer:
+            guard_stable_lora(self.trainer)
             model = self.trainer.model if model is None else model
             return create_from_training_args(model, self.args, shrink_ratio=shrink_ratio, stop_rule=stop_rule)
 

@@ -92,7 +92,7 @@ class StableLoRAOptimizerFactory:
 # What TrainingArguments' optimizer handlers may return besides keyword arguments: parameter groups or a model of
 # their own (GaLore, APOLLO, the layer-wise optimizers, LOMO), which replace the parameters Stable-LoRA shrinks.
 _REWRITING_OPTIMIZERS = ("galore", "apollo", "lomo", "layerwise")  # refused by name: some need packages to build
-_REWRITING_KEYS = ("params", "model", "optimizer_dict")
+PARAMETER_REWRITING_KEYS = ("params", "model", "optimizer_dict")
 
 
 def factory_kwargs_from_training_args(training_args: Any, model: nn.Module) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def factory_kwargs_from_training_args(training_args: Any, model: nn.Module) -> d
     rewriting = any(name in optim for name in _REWRITING_OPTIMIZERS)
     optimizer_cls, optimizer_kwargs = (None, {}) if rewriting else \
         Trainer.get_optimizer_cls_and_kwargs(training_args, model)
-    if rewriting or any(k in optimizer_kwargs for k in _REWRITING_KEYS):
+    if rewriting or any(k in optimizer_kwargs for k in PARAMETER_REWRITING_KEYS):
         raise ValueError(f"optim={optim!r} builds its own parameter groups or model, which would replace the LoRA "
                          "factors Stable-LoRA shrinks; choose an optimizer that steps the model's parameters "
                          "(adamw_torch, adamw_torch_fused, sgd, adafactor, ...).")
