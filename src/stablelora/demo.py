@@ -47,7 +47,8 @@ def run_demo(output_dir: str, steps: int | None = None, overrides: list[str] = (
     results: dict[str, dict] = {}
     eval_before = None
     for method in METHODS:
-        extra = [f"method.optimizer={method}"] + ([f"training.max_steps={steps}"] if steps is not None else []) + list(overrides)
+        extra = [f"method.optimizer={method}", *([f"training.max_steps={steps}"] if steps is not None else []),
+                 *overrides]
         cfg = load_config(None, extra, output_dir=str(root / method), base=DEMO_CONFIG)
         print(f"\n=== {method}: {cfg.model.name_or_path} on {cfg.data.dataset}, "
               f"{cfg.training.max_steps} steps, seed {cfg.training.seed} ===", flush=True)

@@ -105,3 +105,9 @@ DEEPSPEED_MESSAGE = (
     "the optimizer never sees them. Use stable-lora or adamw (exact under ZeRO-1/2/3), or shard with FSDP2 "
     "(Accelerate config with fsdp_version: 2; see configs/accelerate/)."
 )
+
+FSDP_PAIRING_MESSAGE = (
+    "this method pairs each LoRA A with its B when it is built, and FSDP2 swaps both for shards afterwards, so the "
+    "pairs would never get a gradient and the run would be plain AdamW. Train it unsharded (one process or DDP), or "
+    "use stable-lora or adamw under FSDP2."
+)

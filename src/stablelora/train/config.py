@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from stablelora.methods import MethodArguments
+from stablelora.optim.distributed import FSDP_PAIRING_MESSAGE
 
 
 class ConfigError(ValueError):
@@ -328,10 +329,7 @@ def check_base_optimizer(method, training) -> None:
         raise ConfigError(f"method.optimizer=lora-rite with training.optim={optim}: LoRA-RITE is an optimizer of its "
                           "own and would ignore training.optim. Leave training.optim at its default.")
     if training.fsdp and method.optimizer in ("lora-rite", "riemannian"):
-        raise ConfigError(f"method.optimizer={method.optimizer} with training.fsdp: this method pairs each LoRA A "
-                          "with its B when it is built, and FSDP2 swaps both for shards afterwards, so the pairs "
-                          "would never get a gradient and the run would be plain AdamW. Train it unsharded (one "
-                          "process or DDP), or use stable-lora or adamw under FSDP2.")
+        raise ConfigError(f"method.optimizer={method.optimizer} with training.fsdp: {FSDP_PAIRING_MESSAGE}")
 
 
 def check_values(built: dict[str, Any]) -> None:

@@ -14,6 +14,15 @@ from stablelora.train.config import DataArguments
 from stablelora.train.data import collator, train_items
 
 
+def eval_splits(task: TaskData, kind: str, validation: bool = False) -> dict[str, list[dict]]:
+    """The example sets ``evaluate`` scores, by name: the eval split (or the validation split), and a generation
+    task's extra evals."""
+    examples = task.validation if validation else task.eval
+    if kind == ENCODER or task.family == MULTIPLE_CHOICE or validation:
+        return {task.name: examples}
+    return {task.name: examples, **task.extra_eval}
+
+
 def evaluate(model, task: TaskData, kind: str, tokenizer, data: DataArguments, validation: bool = False) -> dict:
     """Scores on the eval split (and extra evals), or on the validation split carved from train."""
     examples = task.validation if validation else task.eval
@@ -25,8 +34,7 @@ def evaluate(model, task: TaskData, kind: str, tokenizer, data: DataArguments, v
         return {task.name: evaluate_causal_mc(model, tokenizer, examples, max_length=data.max_length,
                                               batch_size=data.eval_batch_size)}
     results = {}
-    splits = {task.name: examples} if validation else {task.name: task.eval, **task.extra_eval}
-    for name, split in splits.items():
+    for name, split in eval_splits(task, kind, validation).items():
         results[name] = evaluate_math(model, tokenizer, split, max_new_tokens=data.max_new_tokens,
                                       max_length=data.max_length, batch_size=data.eval_batch_size) \
             if data.generate else {"examples": len(split)}

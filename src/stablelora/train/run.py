@@ -27,8 +27,8 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from stablelora.assets.models import ENCODER, model_kind, resolve_model
-from stablelora.assets.tasks import GENERATION, TaskData
+from stablelora.assets.models import model_kind, resolve_model
+from stablelora.assets.tasks import TaskData
 from stablelora.diagnostics.monitor import StabilityMonitor, module_type
 from stablelora.fileio import claimed_directory, write_atomic, write_json
 from stablelora.methods import ADAPTER_OPTIONS
@@ -37,7 +37,7 @@ from stablelora.train.checkpoints import (check_checkpoint, check_resumable, lat
 from stablelora.train.config import RunConfig
 from stablelora.train.data import ListDataset, check_fits_task, collator, load_task_data, train_items
 from stablelora.train.errors import RunDiverged, RunError
-from stablelora.train.evaluate import evaluate
+from stablelora.train.evaluate import eval_splits, evaluate
 from stablelora.train.model import (build_peft_model, check_targets, gather_trainable, save_adapter,
                                     save_initial_adapter)
 from stablelora.train.trainer import (DivergenceGuard, GracefulInterrupt, StableLoRATrainer, TrainingDiverged,
@@ -173,9 +173,7 @@ def load_run(cfg: RunConfig, main_process: bool) -> LoadedRun:
 def check_given_evaluation(given: dict, run: LoadedRun, source: str) -> None:
     """An evaluation made elsewhere (--eval-before) must be of this task's eval sets, at their sizes: one of another
     task would fail after training, one of another eval size would be compared with scores of other examples."""
-    task = run.task
-    extra = task.extra_eval if run.kind != ENCODER and task.family == GENERATION else {}
-    expected = {task.name: len(task.eval), **{name: len(split) for name, split in extra.items()}}
+    expected = {name: len(split) for name, split in eval_splits(run.task, run.kind).items()}
     found = {name: result.get("examples") if isinstance(result, dict) else None for name, result in given.items()} \
         if isinstance(given, dict) else {}
     if found != expected:

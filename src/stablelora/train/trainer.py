@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from stablelora.methods import MethodArguments, build_optimizer
-from stablelora.optim.distributed import DEEPSPEED_MESSAGE, all_ranks_min, local_tensor
+from stablelora.optim.distributed import DEEPSPEED_MESSAGE, FSDP_PAIRING_MESSAGE, all_ranks_min, local_tensor
 from stablelora.train.guard import deepspeed_config_of, guard_stable_lora, wrapped_chain
 
 
@@ -41,10 +41,7 @@ class StableLoRATrainerMixin:
         if config is not None and self.method.optimizer in ("lora-rite", "riemannian"):
             raise ValueError(f"method.optimizer={self.method.optimizer} under DeepSpeed ZeRO: {DEEPSPEED_MESSAGE}")
         if self.is_fsdp_enabled and self.method.optimizer in ("lora-rite", "riemannian"):
-            raise ValueError(f"method.optimizer={self.method.optimizer} under FSDP: it pairs each LoRA A with its B "
-                             "when it is built, and FSDP2 swaps both for shards afterwards, so the pairs would never "
-                             "get a gradient (plain AdamW). Train it unsharded (one process or DDP), or use "
-                             "stable-lora or adamw under FSDP2.")
+            raise ValueError(f"method.optimizer={self.method.optimizer} under FSDP: {FSDP_PAIRING_MESSAGE}")
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             decay_names = set(self.get_decay_parameter_names(opt_model))
