@@ -11,8 +11,9 @@ calls as ``factory()(model, training_args, **kwargs)`` where it would build its 
 axolotl's own choice (``optimizer:``, ``learning_rate``, betas, eps, ``weight_decay``, ``optim_args``): one that
 transformers builds (``adamw_torch``, ``sgd``, ...), or one of axolotl's own optimizer classes (``adopt_adamw``,
 ``came_pytorch``, ``optimi_adamw``, ...), which Stable-LoRA wraps. axolotl's optimizers that come from a factory of
-their own (``muon``, ``dion``) are refused. Under ``deepspeed:`` Stable-LoRA shrinks DeepSpeed's fp32 masters, and
-the settings that would replace it (an ``"optimizer"`` block, ``offload_optimizer``) are refused before training.
+their own (``muon``, ``dion``) are refused. Under ``deepspeed:`` the plugin refuses the settings that would replace
+Stable-LoRA (an ``"optimizer"`` block, ``offload_optimizer``) in ``post_trainer_create``; that path was not run
+(axolotl starts DeepSpeed with NCCL when it reads its config, which needs a GPU).
 """
 
 from __future__ import annotations
