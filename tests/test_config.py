@@ -193,3 +193,23 @@ def test_a_base_optimizer_or_sharding_that_would_change_what_the_method_is_is_re
 def test_a_method_that_wraps_any_base_optimizer_keeps_the_one_asked_for(tmp_path):
     cfg = load_config(None, ["method.optimizer=stable-lora", "training.optim=sgd"], output_dir=str(tmp_path / "r"))
     assert str(getattr(cfg.training.optim, "value", cfg.training.optim)) == "sgd"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.datset=piqa", "Unknown key 'data.datset'. Did you mean 'dataset'?"),
+    ("training.learnin_rate=1e-4", "Unknown key 'training.learnin_rate'. Did you mean 'learning_rate'?"),
+    ("method.optimizer=stable-lor", "stable-lora"),
+    ("lora.r=0", "lora.r=0: the LoRA rank must be >= 1"),
+])
+def test_a_typo_is_refused_before_torch_or_transformers_is_imported(override, message):
+    """Importing transformers' TrainingArguments loads torch (8-40 s on these CPUs): a typo must not wait for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stablelora.cli import main\nrc = main(['train', 'configs/minilm_privacyqa.yaml', "
+            f"{override!r}])\nheavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+            "print('heavy imports:', heavy)\nsys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr
+    assert "heavy imports: []" in done.stdout

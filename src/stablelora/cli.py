@@ -28,12 +28,13 @@ def _positive_minutes(text: str) -> float:
 
 
 def _train(args) -> int:
-    from stablelora.eval import headline
     from stablelora.train.config import load_config
     from stablelora.train.errors import RunError
+
+    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir)  # before the heavy imports
+    from stablelora.eval import headline
     from stablelora.train.run import run_training
 
-    cfg = load_config(args.config, args.overrides, output_dir=args.output_dir)
     eval_before = None
     if args.eval_before:
         try:

@@ -4,6 +4,9 @@ Optimizer methods decide how the LoRA factors are updated; adapter options decid
 (initialisation, scaling, DoRA). Any optimizer method combines with any adapter options and with a LoRA+
 learning-rate ratio, except the combinations ``check_combination`` refuses, each with the reason.
 ``METHOD_TABLE`` renders the documented table (README, ``stablelora methods``).
+
+torch and the optimizers are imported where a method is built, not here: a config is checked against this registry
+before the heavy imports.
 """
 
 from __future__ import annotations
@@ -11,14 +14,11 @@ from __future__ import annotations
 import importlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-
-from stablelora.optim.lora_rite import LoRARITE
-from stablelora.optim.pairs import find_lora_pairs
-from stablelora.optim.stable import create_stablelora_optimizer
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -93,6 +93,8 @@ def _loraplus(model, method, optimizer_cls, kwargs, groups, weight_decay):
 
 
 def _stable(model, method, optimizer_cls, kwargs, groups, weight_decay):
+    from stablelora.optim.stable import create_stablelora_optimizer
+
     if method.loraplus_lr_ratio is not None:
         groups = _loraplus_groups(model, method, optimizer_cls, kwargs, weight_decay)
     return create_stablelora_optimizer(model, optimizer_cls, shrink_ratio=method.shrink_ratio, params=groups,
@@ -106,11 +108,16 @@ def _riemannian(model, method, optimizer_cls, kwargs, groups, weight_decay):
 
 
 def _lora_rite(model, method, optimizer_cls, kwargs, groups, weight_decay):
+    from stablelora.optim.lora_rite import LoRARITE
+    from stablelora.optim.pairs import find_lora_pairs
+
     rite_kwargs = {k: kwargs[k] for k in ("lr", "betas", "eps") if k in kwargs}
     return LoRARITE(groups, find_lora_pairs(model), **rite_kwargs)
 
 
 def _adamw_wd_a(model, method, optimizer_cls, kwargs, groups, weight_decay):
+    from stablelora.optim.pairs import find_lora_pairs
+
     a_ids = {id(p.lora_A) for p in find_lora_pairs(model)}
     split = [{**g, "params": [p for p in g["params"] if id(p) not in a_ids]} for g in groups]
     split.append({"params": [p for p in model.parameters() if id(p) in a_ids], "weight_decay": method.weight_decay_A})

@@ -20,7 +20,6 @@ from typing import Any
 import yaml
 
 from stablelora.methods import MethodArguments
-from stablelora.optim.distributed import FSDP_PAIRING_MESSAGE
 
 
 class ConfigError(ValueError):
@@ -109,16 +108,38 @@ class MonitorArguments:
     probe_examples: int = field(default=8, metadata={"help": "training examples in the fixed probe batch"})
 
 
-SECTIONS: dict[str, type] = {}
+# The sections that need no heavy import: built and checked before transformers (and torch) is imported, so a
+# typo in them is refused in about a second.
+LIGHT_SECTIONS: dict[str, type] = {"model": ModelArguments, "data": DataArguments, "lora": LoraArguments,
+                                   "method": MethodArguments, "monitor": MonitorArguments}
+SECTION_NAMES = (*LIGHT_SECTIONS, "training")
 
 
 def _sections() -> dict[str, type]:
-    if not SECTIONS:
-        from transformers import TrainingArguments
+    from transformers import TrainingArguments
 
-        SECTIONS.update(model=ModelArguments, data=DataArguments, lora=LoraArguments, method=MethodArguments,
-                        monitor=MonitorArguments, training=TrainingArguments)
-    return SECTIONS
+    return {**LIGHT_SECTIONS, "training": TrainingArguments}
+
+
+def _training_argument_names() -> set[str] | None:
+    """The field names of transformers.TrainingArguments, read from its source without importing it (the import
+    takes seconds: it loads torch). None where the source cannot be read that way; the full check then runs after
+    the import."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "training_args.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments"]
+    if len(classes) != 1 or classes[0].bases:  # inherited fields would be missed: leave it to the full check
+        return None
+    return {n.target.id for n in classes[0].body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
 
 
 @dataclass
@@ -209,7 +230,7 @@ def read_config_file(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from err
     if not isinstance(loaded, dict):
-        raise ConfigError(f"Config file '{path}' must be a mapping with sections {list(_sections())}.")
+        raise ConfigError(f"Config file '{path}' must be a mapping with sections {list(SECTION_NAMES)}.")
     return loaded
 
 
@@ -222,42 +243,65 @@ def merge_config_layers(*layers: dict) -> dict:
     return data
 
 
+def _section_kwargs(section: str, cls: type, values: dict) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            _unknown_key(section, key, fields)
+        kwargs[key] = _coerce(value, hints.get(key, Any), f"{section}.{key}")
+    return kwargs
+
+
+def _unknown_key(section: str, key: str, names) -> None:
+    raise ConfigError(f"Unknown key '{section}.{key}'.{_suggest(key, names)} "
+                      f"See the '{section}' keys with: stablelora train --help-keys {section}")
+
+
+def _construct(section: str, cls: type, kwargs: dict):
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"Invalid '{section}' settings: {err}") from err
+
+
 def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
-    sections = _sections()
-    unknown = [s for s in data if s not in sections]
+    """Check and build a run config: the light sections and the training key names first, then (after importing
+    transformers) the training section and the checks that need it."""
+    unknown = [s for s in data if s not in SECTION_NAMES]
     if unknown:
-        raise ConfigError(f"Unknown config section '{unknown[0]}'.{_suggest(unknown[0], sections)} "
-                          f"Sections are: {', '.join(sections)}.")
-    built, raw = {}, {}
-    for section, cls in sections.items():
-        values = dict(data.get(section) or {})
+        raise ConfigError(f"Unknown config section '{unknown[0]}'.{_suggest(unknown[0], SECTION_NAMES)} "
+                          f"Sections are: {', '.join(SECTION_NAMES)}.")
+    sections = {name: data.get(name) or {} for name in SECTION_NAMES}
+    for name, values in sections.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"Section '{section}' must be a mapping of keys to values.")
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"Unknown key '{section}.{key}'.{_suggest(key, fields)} "
-                                  f"See the '{section}' keys with: stablelora train --help-keys {section}")
-            kwargs[key] = _coerce(value, hints.get(key, Any), f"{section}.{key}")
-        if section == "training":
-            # training.output_dir names the run directory; Trainer's own checkpoints go to RUN/checkpoints
-            if output_dir:
-                kwargs["output_dir"] = output_dir
-            kwargs.setdefault("output_dir", "runs/default")
-            kwargs.setdefault("report_to", ["tensorboard"])
-            kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
-            kwargs.setdefault("remove_unused_columns", False)  # our collators read the raw example fields
-        raw[section] = {k: _plain(v) for k, v in kwargs.items()}
-        if section == "training":
-            run_dir = Path(kwargs["output_dir"])
-            kwargs["output_dir"] = str(run_dir / "checkpoints")
-        try:
-            built[section] = cls(**kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"Invalid '{section}' settings: {err}") from err
-    check_values(built)
+            raise ConfigError(f"Section '{name}' must be a mapping of keys to values.")
+    built, raw = {}, {}
+    for name, cls in LIGHT_SECTIONS.items():
+        kwargs = _section_kwargs(name, cls, sections[name])
+        raw[name] = {k: _plain(v) for k, v in kwargs.items()}
+        built[name] = _construct(name, cls, kwargs)
+    check_light_values(built)
+    known_training_keys = _training_argument_names()
+    for key in sections["training"] if known_training_keys else ():
+        if key not in known_training_keys:
+            _unknown_key("training", key, known_training_keys)
+
+    from transformers import TrainingArguments
+
+    kwargs = _section_kwargs("training", TrainingArguments, sections["training"])
+    # training.output_dir names the run directory; Trainer's own checkpoints go to RUN/checkpoints
+    if output_dir:
+        kwargs["output_dir"] = output_dir
+    kwargs.setdefault("output_dir", "runs/default")
+    kwargs.setdefault("report_to", ["tensorboard"])
+    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
+    kwargs.setdefault("remove_unused_columns", False)  # our collators read the raw example fields
+    raw["training"] = {k: _plain(v) for k, v in kwargs.items()}
+    run_dir = Path(kwargs["output_dir"])
+    built["training"] = _construct("training", TrainingArguments, {**kwargs, "output_dir": str(run_dir / "checkpoints")})
+    check_training_values(built)
     return RunConfig(**built, raw=raw, run_dir=run_dir)
 
 
@@ -329,13 +373,16 @@ def check_base_optimizer(method, training) -> None:
         raise ConfigError(f"method.optimizer=lora-rite with training.optim={optim}: LoRA-RITE is an optimizer of its "
                           "own and would ignore training.optim. Leave training.optim at its default.")
     if training.fsdp and method.optimizer in ("lora-rite", "riemannian"):
+        from stablelora.optim.distributed import FSDP_PAIRING_MESSAGE
+
         raise ConfigError(f"method.optimizer={method.optimizer} with training.fsdp: {FSDP_PAIRING_MESSAGE}")
 
 
-def check_values(built: dict[str, Any]) -> None:
-    """Everything that can be checked before a model is loaded: ranges, the dataset name, the model directory.
-    A compare config builds every planned run, so this also checks a whole grid before its first run."""
-    data, lora, method, monitor, training = (built[k] for k in ("data", "lora", "method", "monitor", "training"))
+def check_light_values(built: dict[str, Any]) -> None:
+    """Everything in the light sections that can be checked before a model (or transformers) is loaded: ranges,
+    the dataset name, the model directory. A compare config builds every planned run, so this also checks a whole
+    grid before its first run."""
+    data, lora, method, monitor = (built[k] for k in ("data", "lora", "method", "monitor"))
     _require(0.0 <= method.shrink_ratio < 1.0, "method.shrink_ratio", method.shrink_ratio,
              "must be in [0, 1); the paper searches 0.0005, 0.001, 0.002, 0.005")
     _require(method.riemannian_reg > 0, "method.riemannian_reg", method.riemannian_reg, "must be > 0")
@@ -353,6 +400,27 @@ def check_values(built: dict[str, Any]) -> None:
     _require(data.validation_size >= 0, "data.validation_size", data.validation_size, "must be >= 0 (0: none)")
     _require(data.max_train_examples is None or data.max_train_examples >= 1, "data.max_train_examples",
              data.max_train_examples, "must be >= 1, or left out for all")
+    from stablelora.assets.models import NAMED_MODELS, check_model_dir
+    from stablelora.assets.tasks import TASKS
+
+    if data.dataset != "jsonl" and data.dataset not in TASKS:
+        raise ConfigError(f"data.dataset={data.dataset!r}: unknown dataset.{_suggest(data.dataset, TASKS)} Choose "
+                          f"one of {', '.join(TASKS)}, or 'jsonl' with data.train_file and data.eval_file.")
+    if data.dataset == "jsonl":
+        for key in ("train_file", "eval_file"):
+            path = getattr(data, key)
+            _require(path is not None and Path(path).is_file(), f"data.{key}", path,
+                     "data.dataset=jsonl needs an existing JSONL file here")
+    if built["model"].name_or_path not in NAMED_MODELS:
+        try:
+            check_model_dir(built["model"].name_or_path)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from err
+
+
+def check_training_values(built: dict[str, Any]) -> None:
+    """The checks that read the training section (a built TrainingArguments)."""
+    method, training = built["method"], built["training"]
     lr = training.learning_rate
     _require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "training.learning_rate", lr,
              "must be a number > 0, e.g. 2e-4")
@@ -365,23 +433,7 @@ def check_values(built: dict[str, Any]) -> None:
              "must be > 0, or -1 to train for num_train_epochs")
     _require(training.max_steps > 0 or training.num_train_epochs > 0, "training.num_train_epochs",
              training.num_train_epochs, "must be > 0 when training.max_steps is not set")
-    from stablelora.assets.models import NAMED_MODELS, check_model_dir
-    from stablelora.assets.tasks import TASKS
-
-    if data.dataset != "jsonl" and data.dataset not in TASKS:
-        raise ConfigError(f"data.dataset={data.dataset!r}: unknown dataset.{_suggest(data.dataset, TASKS)} Choose "
-                          f"one of {', '.join(TASKS)}, or 'jsonl' with data.train_file and data.eval_file.")
-    if data.dataset == "jsonl":
-        for key in ("train_file", "eval_file"):
-            path = getattr(data, key)
-            _require(path is not None and Path(path).is_file(), f"data.{key}", path,
-                     "data.dataset=jsonl needs an existing JSONL file here")
     check_quantization(built["model"], method, training)
-    if built["model"].name_or_path not in NAMED_MODELS:
-        try:
-            check_model_dir(built["model"].name_or_path)
-        except FileNotFoundError as err:
-            raise ConfigError(str(err)) from err
 
 
 def _plain(value: Any) -> Any:
