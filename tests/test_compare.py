@@ -38,8 +38,8 @@ def _write(path: Path, data: dict) -> Path:
     return path
 
 
-def _compare(tmp_path: Path, **changes) -> Path:
-    _write(tmp_path / "base.yaml", BASE)
+def _compare(tmp_path: Path, base: dict = BASE, **changes) -> Path:
+    _write(tmp_path / "base.yaml", base)
     data = {
         "base_config": "base.yaml", "output_dir": str(tmp_path / "out"), "learning_rates": [1e-4, 1e-3],
         "tune_seeds": [0], "seeds": [0, 1, 2],
@@ -201,8 +201,12 @@ def test_every_stable_lora_run_reports_its_stops_per_module_type(tmp_path):
     assert "| stable-lora | lr=1e-04 | 1 | tune | 2 | 0/2 | 1/2, 30 (30–30) | 1/4, 30 (30–30) |" in text
 
 
+GSM_BASE = {**BASE, "data": {"dataset": "gsm-symbolic", "eval_size": 8, "validation_size": 8, "generate": False}}
+
+
 def test_lower_is_better_metric_reports_improvement_as_positive(tmp_path):
-    cfg = load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False, variants={}))
+    cfg = load_compare_config(_compare(tmp_path, base=GSM_BASE, metric="gsm-symbolic/answer_token_loss", variants={}))
+    assert cfg.higher_is_better is False
     records = {}
     for method, lr, seed, val, test in (("adamw", 1e-4, 0, 2.0, 1.0), ("adamw", 1e-3, 0, 1.5, 1.2),
                                         ("adamw", 1e-3, 1, None, 1.4), ("adamw", 1e-3, 2, None, 1.5),
@@ -223,7 +227,7 @@ def test_a_loss_only_math_eval_needs_the_metric_named(tmp_path):
     with pytest.raises(CompareError, match="lower is better, but higher_is_better is true. Name it, metric: "
                                            "gsm-symbolic/answer_token_loss"):
         metric_key(cfg, metrics)
-    named = load_compare_config(_compare(tmp_path, metric="gsm-symbolic/answer_token_loss"))
+    named = load_compare_config(_compare(tmp_path, base=GSM_BASE, metric="gsm-symbolic/answer_token_loss"))
     assert named.higher_is_better is False
     assert metric_key(named, metrics) == ("gsm-symbolic", "answer_token_loss")
 
@@ -243,9 +247,30 @@ def test_a_direction_that_contradicts_a_known_metric_is_refused(tmp_path):
     with pytest.raises(CompareError, match="'piqa/accuracy' is better when higher, but higher_is_better is false"):
         load_compare_config(_compare(tmp_path, metric="piqa/accuracy", higher_is_better=False))
     with pytest.raises(CompareError, match="better when lower, but higher_is_better is true. Remove"):
-        load_compare_config(_compare(tmp_path, metric="gsm-symbolic/answer_token_loss", higher_is_better=True))
-    assert load_compare_config(_compare(tmp_path, metric="piqa/loss_like", higher_is_better=False)).higher_is_better \
-        is False  # a metric it does not know keeps the stated direction
+        load_compare_config(_compare(tmp_path, base=GSM_BASE, metric="gsm-symbolic/answer_token_loss",
+                                     higher_is_better=True))
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("piqa/exact_match", "metric 'piqa/exact_match' is not reported by the runs of 'adamw' (piqa, multiple_choice); "
+                         "choose one of ['piqa/accuracy', 'piqa/accuracy_unnormalised']"),
+    ("gsm/accuracy", "choose one of ['piqa/accuracy', 'piqa/accuracy_unnormalised']"),
+    ("piqa/examples", "is not reported"),  # a count, not a score
+])
+def test_a_metric_the_runs_do_not_report_is_refused_before_any_run(tmp_path, metric, message):
+    """It used to fail only after the first run had trained (its metrics.json lacked the key)."""
+    with pytest.raises(CompareError, match=re.escape(message)):
+        load_compare_config(_compare(tmp_path, metric=metric))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_math_metric_follows_what_the_runs_evaluate(tmp_path):
+    with pytest.raises(CompareError, match=re.escape("choose one of ['gsm-symbolic/answer_token_loss', "
+                                                     "'asdiv/answer_token_loss']")):
+        load_compare_config(_compare(tmp_path, base=GSM_BASE, metric="gsm-symbolic/exact_match"))  # no generation
+    generating = {**GSM_BASE, "data": {**GSM_BASE["data"], "generate": True}}
+    assert load_compare_config(_compare(tmp_path, base=generating, metric="asdiv/exact_match")).metric == \
+        "asdiv/exact_match"
 
 
 def test_results_written_while_tuning_say_tuning_not_none(tmp_path):

@@ -5,13 +5,14 @@ import json
 import pytest
 
 from stablelora.eval.math import extract_final_number, same_number
-from stablelora.assets.tasks import TASKS, example_key, load_jsonl_task, load_task
+from stablelora.assets.tasks import TASKS, eval_set_names, example_key, load_jsonl_task, load_task
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_named_task_splits_are_disjoint_and_deterministic(name):
     task = load_task(name, eval_size=50, seed=3)
     assert task.train and task.eval and task.split_note
+    assert (task.name, *task.extra_eval) == eval_set_names(name, None)  # what compare checks a metric against
     train_keys = {example_key(x) for x in task.train}
     for examples in [task.eval, *task.extra_eval.values()]:
         assert not train_keys & {example_key(x) for x in examples}

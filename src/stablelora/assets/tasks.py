@@ -184,6 +184,22 @@ TASKS: dict[str, tuple[str, Callable[..., TaskData]]] = {
     "gsm-symbolic": (GENERATION, _gsm_symbolic),
 }
 
+# The eval sets a named task scores besides its own eval split (a causal model's generation tasks only)
+EXTRA_EVAL_NAMES = {"gsm-symbolic": ("asdiv",)}
+
+
+def eval_set_names(dataset: str, train_file: str | None) -> tuple[str, ...]:
+    """The names a run's evaluation is reported under, known before the (slow) task load: a compare grid's metric
+    is checked against them before its first run."""
+    if dataset == "jsonl":
+        return (Path(train_file).stem,)
+    return (dataset, *EXTRA_EVAL_NAMES.get(dataset, ()))
+
+
+def task_family(dataset: str, jsonl_format: str | None) -> str | None:
+    return jsonl_format if dataset == "jsonl" else TASKS[dataset][0]
+
+
 JSONL_FIELDS = {
     MULTIPLE_CHOICE: ("question", "choices", "label"),
     CLASSIFICATION: ("text", "label"),

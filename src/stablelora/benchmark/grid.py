@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from stablelora.eval import HIGHER_IS_BETTER
+from stablelora.assets.tasks import eval_set_names, task_family
+from stablelora.eval import HIGHER_IS_BETTER, JUDGED_METRICS, judged_metrics
 from stablelora.reporting.stats import select_on_validation
 from stablelora.train.config import (ConfigError, build_config, load_yaml, merge_config_layers, nest_overrides,
                                      read_config_file)
@@ -316,9 +317,26 @@ def _check_runs_build(cfg: CompareConfig) -> None:
 
 def _build(cfg: CompareConfig, name: str, overrides: dict[str, Any]):
     try:
-        return load_config_with(cfg.base_config, overrides)
+        run_cfg = load_config_with(cfg.base_config, overrides)
     except ConfigError as err:
         raise CompareError(f"{cfg.path}: the runs of '{name}' would not start: {err}") from err
+    _check_metric(cfg, name, run_cfg.data)
+    return run_cfg
+
+
+def _check_metric(cfg: CompareConfig, name: str, data) -> None:
+    """A metric the runs will not report would fail only after the first run; the eval set names and the scores
+    each task family reports are known before any run."""
+    if cfg.metric is None:
+        return
+    family = task_family(data.dataset, data.format)
+    if family not in JUDGED_METRICS:
+        return  # a JSONL format the task load refuses, with its own message
+    available = [f"{e}/{k}" for e in eval_set_names(data.dataset, data.train_file)
+                 for k in judged_metrics(family, data.generate)]
+    if cfg.metric not in available:
+        raise CompareError(f"{cfg.path}: metric '{cfg.metric}' is not reported by the runs of '{name}' "
+                           f"({data.dataset}, {family}); choose one of {available}.")
 
 
 def merged_config(base_config: Path, overrides: dict[str, Any]) -> dict:
