@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import io
 import re
 import types
@@ -121,10 +122,11 @@ def _sections() -> dict[str, type]:
     return {**LIGHT_SECTIONS, "training": TrainingArguments}
 
 
-def _training_argument_names() -> set[str] | None:
+@functools.cache
+def _training_argument_names() -> frozenset[str] | None:
     """The field names of transformers.TrainingArguments, read from its source without importing it (the import
     takes seconds: it loads torch). None where the source cannot be read that way; the full check then runs after
-    the import."""
+    the import. Read once per process: a compare config builds every planned run."""
     import ast
     import importlib.util
 
@@ -139,7 +141,8 @@ def _training_argument_names() -> set[str] | None:
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments"]
     if len(classes) != 1 or classes[0].bases:  # inherited fields would be missed: leave it to the full check
         return None
-    return {n.target.id for n in classes[0].body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return frozenset(n.target.id for n in classes[0].body
+                     if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
 
 
 @dataclass
@@ -249,13 +252,13 @@ def _section_kwargs(section: str, cls: type, values: dict) -> dict:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            _unknown_key(section, key, fields)
+            raise _unknown_key(section, key, fields)
         kwargs[key] = _coerce(value, hints.get(key, Any), f"{section}.{key}")
     return kwargs
 
 
-def _unknown_key(section: str, key: str, names) -> None:
-    raise ConfigError(f"Unknown key '{section}.{key}'.{_suggest(key, names)} "
+def _unknown_key(section: str, key: str, names) -> ConfigError:
+    return ConfigError(f"Unknown key '{section}.{key}'.{_suggest(key, names)} "
                       f"See the '{section}' keys with: stablelora train --help-keys {section}")
 
 
@@ -286,7 +289,7 @@ def build_config(data: dict, output_dir: str | None = None) -> RunConfig:
     known_training_keys = _training_argument_names()
     for key in sections["training"] if known_training_keys else ():
         if key not in known_training_keys:
-            _unknown_key("training", key, known_training_keys)
+            raise _unknown_key("training", key, known_training_keys)
 
     from transformers import TrainingArguments
 
